@@ -1,0 +1,34 @@
+# difforge developer commands. `make test` and `make demo` work on a fresh machine:
+# they create .venv, install torch (pinned CPU build), the core, the SDK and every plugin
+# in editable mode with test extras, then run.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+SDK_DIR := $(if $(wildcard sdk/pyproject.toml),sdk,)
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= out
+
+.PHONY: install test test-fast demo lint clean plugins
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-torch.txt $(wildcard plugins/*/pyproject.toml) $(wildcard sdk/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-torch.txt
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,video]' $(foreach d,$(SDK_DIR) $(PLUGIN_DIRS),-e ./$(d))
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(VENV)/bin/difforge plugins
+	$(PY) -m difforge.demo --out $(DEMO_OUT)
+
+plugins: $(STAMP)
+	$(VENV)/bin/difforge plugins
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis $(DEMO_OUT)
