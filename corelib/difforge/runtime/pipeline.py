@@ -1,0 +1,472 @@
+"""``difforge.Pipeline``: assembly from plugin names and the shared denoising runtime.
+
+A family plugin subclasses :class:`Pipeline` and writes only what is its own:
+
+- ``encode_prompt(prompt) -> dict`` of conditioning tensors (``prompt_embeds=`` skips it);
+- ``latent_shape(batch, height, width, **kw)`` of the initial noise, in the model's latent layout
+  before patchifying (``[B, C, H/8, W/8]`` or ``[B, C, F, H/8, W/8]``);
+- ``predict(latents, timestep, cond, **kw)``: the model's flow-velocity prediction;
+- ``encode_image(image_tensor) -> latents`` and ``decode(latents) -> image tensor in [-1, 1]``;
+- optionally ``image_seq_len(latent_shape)`` (resolution-dependent shift), ``check_call(kwargs)``.
+
+The runtime owns everything else: argument checks before heavy work, seeds and ``rand_device``,
+``latents=``/``prompt_embeds=`` passthrough, img2img, classifier-free guidance (with separate cache
+state per branch), the scheduler loop, the step callback, ``tqdm`` progress, ``output_type``, and
+the removable offload / cache / attention wrappers applied in DESIGN.md's fixed order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._names import normalize_name, resolve
+from ..errors import ConfigError
+from ..ops.attention import use_attention
+from ..plugins import get_plugin_manager, get_registry
+from ..specs import PipelineSpec
+from . import assembly
+from .images import postprocess, preprocess_image
+from .options import PluginChoice, merge_options, parse_choice, parse_choices
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Pipeline", "current_cfg_branch"]
+
+_branch: contextvars.ContextVar[str] = contextvars.ContextVar("difforge_cfg_branch", default="cond")
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def current_cfg_branch() -> str:
+    """``"cond"`` or ``"uncond"``: the classifier-free-guidance branch being computed.
+
+    Cache strategies keep separate state per branch by reading this.
+    """
+    return _branch.get()
+
+
+@contextlib.contextmanager
+def cfg_branch(name: str) -> Iterator[None]:
+    token = _branch.set(name)
+    try:
+        yield
+    finally:
+        _branch.reset(token)
+
+
+def _default_progress(iterable: Iterable[Any], **kw: Any) -> Iterable[Any]:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
+
+
+class Pipeline:
+    """A family pipeline: components, a scheduler and the options applied to them.
+
+    Build one with :meth:`from_pretrained` or :meth:`from_recipe`; call it to generate.
+    """
+
+    #: height and width must be multiples of this (family pipelines override)
+    spatial_multiple: int = 16
+    #: call defaults of the family (``num_inference_steps``, ``height``, ``width``, ``cfg_scale``, ...)
+    defaults: Mapping[str, Any] = {"num_inference_steps": 28, "height": 1024, "width": 1024, "cfg_scale": 1.0}
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        components: Mapping[str, Any],
+        *,
+        device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype = torch.float32,
+        detections: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.components: dict[str, Any] = dict(components)
+        self.detections: dict[str, Any] = dict(detections or {})
+        self.device = torch.device(device)
+        self.torch_dtype = torch_dtype
+        self.scheduler: Any = None
+        self.scheduler_choice: PluginChoice | None = None
+        self.attention: str | None = None
+        self.cache_choice: PluginChoice | None = None
+        self.offload_choices: list[PluginChoice] = []
+        self._cache_handles: list[Any] = []
+        self._offload_handles: list[Any] = []
+
+    # ------------------------------------------------------------ components
+
+    def __getattr__(self, name: str) -> Any:
+        components = self.__dict__.get("components")
+        if components is not None and name in components:
+            return components[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or component {name!r}")
+
+    @property
+    def variant(self) -> str | None:
+        """The released model the main component matched by fingerprint (None for fine-tunes)."""
+        for slot in self.spec.component_order or self.components:
+            v = getattr(self.detections.get(slot), "variant", None)
+            if v:
+                return v
+        return None
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {k: v for k, v in self.components.items() if isinstance(v, torch.nn.Module)}
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        model_configs: Any = None,
+        tokenizer_config: Any = None,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        attention: str | Mapping[str, Any] | None = None,
+        cache: str | Mapping[str, Any] | None = None,
+        offload: Any = None,
+        scheduler: str | Mapping[str, Any] | None = None,
+    ) -> Pipeline:
+        """Assemble pipeline ``name`` from checkpoint files, in any order.
+
+        ``model_configs``: a list of ``ModelConfig`` (or paths), a diffusers-layout folder
+        (``model_index.json`` + component subfolders), or None for the pipeline's default sources.
+        Every file is detected from its header and routed to its slot; a missing required
+        component, an unknown plugin name or a bad option fails before any weights are read.
+        """
+        registry = get_registry()
+        spec = registry.pipelines.get(name)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = torch_dtype or torch.float32
+        scheduler_choice = parse_choice(scheduler, "scheduler")
+        attention_choice = parse_choice(attention, "attention")
+        cache_choice = parse_choice(cache, "cache")
+        offload_choices = parse_choices(offload, "offload")
+        _check_names(registry, spec, scheduler_choice, attention_choice, cache_choice, offload_choices)
+
+        folder_scheduler = None
+        if model_configs is None:
+            configs = assembly.source_configs(spec)
+        elif isinstance(model_configs, (str, os.PathLike)) and assembly.is_diffusers_folder(model_configs):
+            configs = assembly.diffusers_folder_configs(spec, str(model_configs))
+            folder_scheduler = assembly.scheduler_from_diffusers(str(model_configs))
+            if tokenizer_config is None:
+                tokenizer_config = [
+                    str(Path(model_configs) / s.diffusers_subfolder)
+                    for s in spec.slots
+                    if s.kind == "tokenizer" and s.diffusers_subfolder and (Path(model_configs) / s.diffusers_subfolder).is_dir()
+                ]
+        else:
+            items = [model_configs] if isinstance(model_configs, (str, os.PathLike)) else list(model_configs)
+            configs = []
+            for item in items:
+                mc = assembly.as_model_config(item)
+                if getattr(mc, "model_id", None) and not getattr(mc, "origin_file_pattern", None) and not getattr(mc, "path", None):
+                    expanded = assembly.source_configs(spec, mc.model_id)
+                    configs.extend(expanded or [mc])
+                else:
+                    configs.append(mc)
+        tokenizers = [] if tokenizer_config is None else (
+            [tokenizer_config] if not isinstance(tokenizer_config, (list, tuple)) else list(tokenizer_config)
+        )
+        tokenizers = [assembly.as_model_config(t) for t in tokenizers]
+        routed = assembly.route(registry, spec, configs, tokenizers)
+
+        # every slot is known: now load weights
+        from ..loading.load import load_model
+
+        location_offload = any(registry.offload.get(c.name).kind == "location" for c in offload_choices)
+        load_device = torch.device("cpu") if location_offload else device
+        components: dict[str, Any] = {}
+        detections: dict[str, Any] = {}
+        for slot_name, comp in routed.items():
+            if comp.spec.role == "tokenizer":
+                components[slot_name] = resolve(comp.spec.module).from_folder(comp.paths[0], comp.detection)
+            else:
+                components[slot_name] = load_model(
+                    comp.paths, torch_dtype=torch_dtype, device=load_device, detection=comp.detection,
+                    model=comp.spec.name,
+                )
+            detections[slot_name] = comp.detection
+        pipeline_cls = resolve(spec.pipeline)
+        pipe: Pipeline = pipeline_cls(spec, components, device=device, torch_dtype=torch_dtype, detections=detections)
+        pipe.set_scheduler(scheduler_choice.as_arg() if scheduler_choice else None, _folder=folder_scheduler)
+        pipe.offload_choices = offload_choices
+        for choice in sorted(offload_choices, key=lambda c: 0 if registry.offload.get(c.name).kind == "dtype" else 1):
+            off = registry.offload.get(choice.name)
+            options = merge_options("offload backend", off.name, off.options, choice.options)
+            pipe._offload_handles.append(resolve(off.apply)(pipe, options))
+        pipe.set_cache(cache_choice.as_arg() if cache_choice else None)
+        pipe.set_attention(attention_choice.as_arg() if attention_choice else None)
+        get_plugin_manager().hook.difforge_pipeline_built(pipeline=pipe)
+        log.info("assembled %s: %s", spec.name, ", ".join(f"{k}={type(v).__name__}" for k, v in components.items()))
+        return pipe
+
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> Pipeline:
+        """Build from a TOML recipe path (or a loaded :class:`~difforge.runtime.recipe.Recipe`).
+
+        Its ``[defaults]`` become this pipeline's call defaults.
+        """
+        from .recipe import Recipe, load_recipe
+
+        r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        pipe = cls.from_pretrained(r.name, **r.pretrained_kwargs())
+        pipe.call_defaults = dict(r.defaults)
+        return pipe
+
+    # ------------------------------------------------------------ plugin options after build
+
+    def set_scheduler(self, scheduler: str | Mapping[str, Any] | None = None, *, _folder: Mapping[str, Any] | None = None) -> None:
+        """Choose the sampler: a name/dict, else the detected release's, else the pipeline default."""
+        from ..schedulers import build_scheduler
+
+        choice = parse_choice(scheduler, "scheduler")
+        if choice is None:
+            default = _folder or self.spec.variant_schedulers.get(self.variant or "", None) or self.spec.default_scheduler
+            choice = parse_choice(default, "scheduler")
+        self.scheduler = build_scheduler(choice.as_arg(), family=self.spec.family)
+        self.scheduler_choice = choice
+
+    def set_cache(self, cache: str | Mapping[str, Any] | None) -> None:
+        """Apply a cache strategy to every component with a block layout (None removes it)."""
+        for handle in reversed(self._cache_handles):
+            handle.remove()
+        self._cache_handles = []
+        self.cache_choice = None
+        choice = parse_choice(cache, "cache")
+        if choice is None:
+            return
+        registry = get_registry()
+        cache_spec = registry.caches.get(choice.name)
+        options = merge_options("cache strategy", cache_spec.name, cache_spec.options, choice.options)
+        apply = resolve(cache_spec.apply)
+        for slot, module in self.models().items():
+            layout = self._model_spec(slot).layout if self._model_spec(slot) else None
+            if layout is not None:
+                self._cache_handles.append(apply(module, layout, {**options, "family": self.spec.family}))
+        if not self._cache_handles:
+            raise ConfigError(f"cache {choice.name!r}: no component of pipeline {self.spec.name!r} declares a block layout")
+        self.cache_choice = choice
+
+    def set_attention(self, attention: str | Mapping[str, Any] | None) -> None:
+        """Use attention backend ``attention`` for this pipeline's calls (None: the process default)."""
+        choice = parse_choice(attention, "attention")
+        if choice is not None and normalize_name(choice.name) != "auto":
+            get_registry().attention.get(choice.name)  # unknown names fail now
+            if choice.options:
+                raise ConfigError(f"attention {choice.name!r}: attention backends take no options")
+        self.attention = None if choice is None else choice.name
+
+    def cache_stats(self) -> list[Any]:
+        return [h.stats() for h in self._cache_handles]
+
+    def _model_spec(self, slot: str) -> Any:
+        det = self.detections.get(slot)
+        name = getattr(det, "model", None)
+        if name is None:
+            return None
+        return get_registry().models.get(name)
+
+    # ------------------------------------------------------------ the family's part
+
+    def encode_prompt(self, prompt: Sequence[str], **kw: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def latent_shape(self, batch: int, height: int, width: int, **kw: Any) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor], **kw: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor, **kw: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_seq_len(self, shape: Sequence[int]) -> int | None:
+        return None
+
+    def check_call(self, kw: dict[str, Any]) -> None:
+        """Family-specific argument checks and defaults (before any heavy work)."""
+
+    # ------------------------------------------------------------ the shared runtime
+
+    call_defaults: dict[str, Any] = {}
+
+    def _merged(self, kw: dict[str, Any]) -> dict[str, Any]:
+        merged = {**self.defaults, **self.call_defaults}
+        merged.update({k: v for k, v in kw.items() if v is not None})
+        return merged
+
+    def check_inputs(self, kw: dict[str, Any]) -> None:
+        steps = kw.get("num_inference_steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ConfigError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        m = self.spatial_multiple
+        for dim in ("height", "width"):
+            value = kw.get(dim)
+            if not isinstance(value, int) or value <= 0 or value % m:
+                raise ConfigError(f"{dim} must be a positive multiple of {m} for pipeline {self.spec.name!r}, got {value!r}")
+        strength = kw.get("denoising_strength", 1.0)
+        if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+            raise ConfigError(f"denoising_strength must be in (0, 1], got {strength!r}")
+        if strength < 1.0 and kw.get("input_image") is None and kw.get("input_video") is None:
+            raise ConfigError("denoising_strength < 1 needs an input_image (or input_video) to start from")
+        if kw.get("output_type", "pil") not in OUTPUT_TYPES:
+            raise ConfigError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {kw.get('output_type')!r}")
+        cfg = kw.get("cfg_scale", 1.0)
+        if not isinstance(cfg, (int, float)) or isinstance(cfg, bool):
+            raise ConfigError(f"cfg_scale must be a number (1.0 turns guidance off), got {cfg!r}")
+        seed = kw.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        if kw.get("prompt") is None and kw.get("prompt_embeds") is None:
+            raise ConfigError("give a prompt (or prompt_embeds=)")
+        self.check_call(kw)
+
+    def noise(self, shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu") -> torch.Tensor:
+        """Gaussian noise from ``seed`` drawn on ``rand_device`` (default cpu, so a seed gives the same
+        image on every device), moved to the pipeline's device and dtype."""
+        generator = torch.Generator(device=rand_device)
+        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        noise = torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=torch.float32)
+        return noise.to(device=self.device, dtype=self.torch_dtype)
+
+    def _predict_guided(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Mapping[str, Any],
+        uncond: Mapping[str, Any] | None,
+        cfg_scale: float,
+        extra: Mapping[str, Any],
+    ) -> torch.Tensor:
+        with cfg_branch("cond"):
+            positive = self.predict(latents, timestep, cond, **extra)
+        if uncond is None:
+            return positive
+        with cfg_branch("uncond"):
+            negative = self.predict(latents, timestep, uncond, **extra)
+        return negative + cfg_scale * (positive - negative)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        cfg_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        seed: int | None = None,
+        rand_device: str | torch.device = "cpu",
+        latents: torch.Tensor | None = None,
+        prompt_embeds: Mapping[str, torch.Tensor] | None = None,
+        negative_prompt_embeds: Mapping[str, torch.Tensor] | None = None,
+        input_image: Any = None,
+        denoising_strength: float = 1.0,
+        output_type: str = "pil",
+        callback: Callable[[Pipeline, int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+        progress_bar_cmd: Callable[..., Iterable[Any]] | None = None,
+        **family_kwargs: Any,
+    ) -> Any:
+        """Generate. Returns a PIL image (or a list for a batch), or ``np``/``pt``/``latent`` arrays.
+
+        ``callback(pipe, step, timestep, latents)`` runs after every step; returning a tensor
+        replaces the latents. ``progress_bar_cmd`` wraps the step iterator (``lambda x: x`` for none).
+        """
+        kw = self._merged(
+            dict(
+                prompt=prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale, height=height, width=width,
+                num_inference_steps=num_inference_steps, seed=seed, latents=latents, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, input_image=input_image,
+                denoising_strength=denoising_strength, output_type=output_type, **family_kwargs,
+            )
+        )
+        if latents is not None and height is None and width is None:
+            kw["height"], kw["width"] = self.size_from_latents(latents)
+        self.check_inputs(kw)
+        extra = {k: kw[k] for k in family_kwargs if k in kw}
+        with torch.inference_mode(), use_attention(self.attention):
+            return self._run(kw, extra, rand_device, callback, progress_bar_cmd)
+
+    def size_from_latents(self, latents: torch.Tensor) -> tuple[int, int]:
+        return latents.shape[-2] * 8, latents.shape[-1] * 8
+
+    def _run(
+        self,
+        kw: dict[str, Any],
+        extra: dict[str, Any],
+        rand_device: str | torch.device,
+        callback: Callable[..., Any] | None,
+        progress_bar_cmd: Callable[..., Iterable[Any]] | None,
+    ) -> Any:
+        prompt = kw.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        cfg_scale = float(kw["cfg_scale"])
+        use_cfg = cfg_scale != 1.0
+        if kw.get("prompt_embeds") is not None:
+            cond = dict(kw["prompt_embeds"])
+            batch = next(iter(cond.values())).shape[0]
+        else:
+            batch = len(prompts)
+            cond = self.encode_prompt(prompts, **extra)
+        uncond = None
+        if use_cfg:
+            if kw.get("negative_prompt_embeds") is not None:
+                uncond = dict(kw["negative_prompt_embeds"])
+            else:
+                negative = kw.get("negative_prompt") or ""
+                negatives = [negative] * batch if isinstance(negative, str) else list(negative)
+                uncond = self.encode_prompt(negatives, **extra)
+
+        shape = self.latent_shape(batch, kw["height"], kw["width"], **extra)
+        if kw.get("latents") is not None:
+            noise = kw["latents"].to(device=self.device, dtype=self.torch_dtype)
+            if tuple(noise.shape) != tuple(shape):
+                raise ConfigError(f"latents has shape {tuple(noise.shape)}, expected {tuple(shape)} for this size")
+        else:
+            noise = self.noise(shape, kw.get("seed"), rand_device)
+
+        strength = float(kw.get("denoising_strength", 1.0))
+        self.scheduler.set_timesteps(
+            kw["num_inference_steps"], denoising_strength=strength, image_seq_len=self.image_seq_len(shape), device=self.device
+        )
+        if kw.get("input_image") is not None:
+            image = preprocess_image(kw["input_image"], kw["height"], kw["width"])
+            x0 = self.encode_image(image.to(self.device, self.torch_dtype))
+            latents = self.scheduler.add_noise(x0, noise, 0)
+        else:
+            latents = noise
+
+        for handle in self._cache_handles:
+            handle.reset()
+        timesteps = self.scheduler.timesteps
+        progress = progress_bar_cmd or _default_progress
+        hook = get_plugin_manager().hook.difforge_step_end
+        for i in progress(range(len(timesteps))):
+            t = timesteps[i]
+            velocity = self._predict_guided(latents, t, cond, uncond, cfg_scale, extra)
+            latents = self.scheduler.step(velocity, i, latents)
+            if callback is not None:
+                replaced = callback(self, i, t, latents)
+                if replaced is not None:
+                    latents = replaced
+            hook(pipeline=self, step=i, timestep=t, latents=latents)
+
+        if kw["output_type"] == "latent":
+            return latents
+        images = self.decode(latents, **extra)
+        return postprocess(images, kw["output_type"])
