@@ -25,7 +25,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/difforge plugins
-	$(PY) -m difforge.demo --out $(DEMO_OUT)
+	$(PY) -m difforge_sdk.demo --out $(DEMO_OUT)
 
 plugins: $(STAMP)
 	$(VENV)/bin/difforge plugins
