@@ -5,8 +5,8 @@ Discovery order: the core's built-in plugin, then every entry point of the ``dif
 (comma-separated; ``no:NAME`` blocks the plugin called NAME, built-in or installed).
 
 A plugin that fails to import, raises while registering, implements an unknown hook, yields
-something that is not a spec, or declares an API range that excludes :data:`API_VERSION`, is
-isolated: nothing of it is registered, the rest keeps working, and ``difforge plugins`` lists it
+something that is not a spec (or one spec name twice), or declares an API range that excludes
+:data:`API_VERSION`, is isolated: nothing of it is registered, the rest keeps working, and ``difforge plugins`` lists it
 with its status and the reason.
 """
 
@@ -178,7 +178,12 @@ class PluginSettings:
 
 
 class PluginHost:
-    """Loads plugins into a pluggy manager and builds the :class:`Registry` from them."""
+    """Loads plugins into a pluggy manager and builds the :class:`Registry` from them.
+
+    Plugins are imported and registered in ``__init__``; their registration hooks run when
+    :attr:`registry` is first built, so a plugin whose hook raises is marked broken only then:
+    read :attr:`records` after :attr:`registry` (or use :meth:`plugin_rows`, which builds it).
+    """
 
     def __init__(self, settings: PluginSettings | None = None, *, plugins: Iterable[Any] = ()) -> None:
         self.settings = settings or PluginSettings.from_env()
@@ -287,7 +292,9 @@ class PluginHost:
             return
         try:
             self.pm.register(plugin, name=key)
-        except Exception as exc:  # pluggy validation errors (bad signatures, ...)
+        except Exception as exc:  # pluggy validation errors (bad signatures, ...), a raising addhooks
+            if self.pm.is_registered(plugin):  # a failure in a historic replay leaves it half-registered
+                self.pm.unregister(plugin)
             rec.status, rec.reason = "broken", f"registration failed: {exc}"
             log.warning("difforge plugin %r failed to register: %s", name, exc)
             return
@@ -350,7 +357,9 @@ class PluginHost:
         return registry
 
     def _collect(self, plugin: Any) -> list[Any]:
+        """All specs ``plugin`` yields; PluginError when one is not a spec or a name comes twice."""
         specs: list[Any] = []
+        seen: dict[tuple[type, str], str] = {}
         for hook, types in REGISTRATION_HOOKS.items():
             caller = getattr(self.pm.hook, hook)
             for impl in caller.get_hookimpls():
@@ -365,6 +374,13 @@ class PluginHost:
                     if not isinstance(item, types):
                         allowed = " or ".join(t.__name__ for t in types)
                         raise PluginError(f"{hook} yielded {item!r}, which is not a {allowed}")
+                    key = (type(item), normalize_name(item.name))
+                    if key in seen:
+                        raise PluginError(
+                            f"{hook} yields the {type(item).__name__} name {item.name!r} more than once "
+                            f"(first as {seen[key]!r}); names compare normalised, give each spec its own name"
+                        )
+                    seen[key] = item.name
                     specs.append(item)
         return specs
 
