@@ -39,7 +39,14 @@ from typing import Any, Union
 
 from ..errors import ConfigError, LoadError
 
-__all__ = ["ModelConfig", "fetch_model", "model_base_path", "download_source_default", "skip_download_default"]
+__all__ = [
+    "ModelConfig",
+    "fetch_model",
+    "check_shards",
+    "model_base_path",
+    "download_source_default",
+    "skip_download_default",
+]
 
 log = logging.getLogger(__name__)
 
