@@ -1,0 +1,145 @@
+"""difforge-text-encoders: the text encoders and tokenizers the diffusion families share.
+
+Models (own format ``transformers``: the key layout of transformers' checkpoints):
+
+- ``clip-text``: CLIP's text transformer (FLUX.1's CLIP ViT-L/14), :mod:`.clip`;
+- ``t5-encoder``: the T5 v1.1 encoder (FLUX.1's T5-XXL), :mod:`.t5`;
+- ``umt5-encoder``: the umT5 encoder (Wan's umT5-XXL), :mod:`.t5`; also loads Wan-AI's ``.pth``.
+
+Tokenizers (role ``tokenizer``, recognised from a folder's files), :mod:`.tokenization`:
+``clip-tokenizer`` (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``), ``t5-tokenizer``
+(``tokenizer.json`` or ``spiece.model``; T5 and umT5).
+
+This module is the plugin's entry point and stays light: everything heavy is named lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from difforge import BlockGroup, BlockLayout, ConverterSpec, ModelSpec, hookimpl
+
+difforge_api = ">=1,<2"
+
+CLIP = "difforge_text_encoders.clip"
+T5 = "difforge_text_encoders.t5"
+TOK = "difforge_text_encoders.tokenization"
+
+#: Fingerprints (see :func:`difforge.loading.fingerprint.fingerprint_shapes`) of released checkpoints,
+#: computed from their published configs on the meta device; ``tests/plugins/text_encoders`` recomputes them.
+CLIP_VIT_L_14_FINGERPRINT = "2bf08036a32f04685551ab6415405cc5"
+T5_V1_1_XXL_FINGERPRINT = "22eeda6401f40673b570bd325bd3536b"
+UMT5_XXL_FINGERPRINT = "359df014fd80737d670c5575fc853cf4"
+UMT5_XXL_WAN_FINGERPRINT = "f5ceed6c110fadbd92a8c402cb48a38f"
+
+_T5_HIGH_PRECISION = ("shared.*", "*layer_norm*", "*relative_attention_bias*")
+
+
+@hookimpl
+def difforge_register_models() -> Iterator[Any]:
+    yield ModelSpec(
+        name="clip-text",
+        family="clip",
+        role="text_encoder",
+        module=f"{CLIP}:CLIPTextEncoder",
+        config_from_shapes=f"{CLIP}:clip_config_from_shapes",
+        config_from_json=f"{CLIP}:clip_config_from_json",
+        format="transformers",
+        identifying_keys=(
+            "text_model.embeddings.token_embedding.weight",
+            "text_model.encoder.layers.*.self_attn.q_proj.weight",
+            "text_model.final_layer_norm.weight",
+        ),
+        fingerprints={CLIP_VIT_L_14_FINGERPRINT: "clip-vit-large-patch14"},
+        layout=BlockLayout((BlockGroup("text_model.encoder.layers"),)),
+        keep_high_precision=("*embeddings*", "*layer_norm*", "text_projection.*"),
+        released_configs={"clip-vit-large-patch14": f"{CLIP}:CLIP_VIT_L_14"},
+        description="CLIP text encoder (transformers CLIPTextModel; FLUX.1's CLIP-L)",
+    )
+    yield ModelSpec(
+        name="t5-encoder",
+        family="t5",
+        role="text_encoder",
+        module=f"{T5}:T5Encoder",
+        config_from_shapes=f"{T5}:t5_config_from_shapes",
+        config_from_json=f"{T5}:t5_config_from_json",
+        format="transformers",
+        identifying_keys=(
+            "shared.weight",
+            "encoder.block.*.layer.0.SelfAttention.q.weight",
+            "encoder.final_layer_norm.weight",
+        ),
+        fingerprints={T5_V1_1_XXL_FINGERPRINT: "t5-v1_1-xxl"},
+        layout=BlockLayout((BlockGroup("encoder.block"),)),
+        keep_high_precision=_T5_HIGH_PRECISION,
+        released_configs={"t5-v1_1-xxl": f"{T5}:T5_V1_1_XXL"},
+        description="T5 v1.1 encoder (transformers T5EncoderModel; FLUX.1's T5-XXL)",
+    )
+    yield ModelSpec(
+        name="umt5-encoder",
+        family="umt5",
+        role="text_encoder",
+        module=f"{T5}:T5Encoder",
+        config_from_shapes=f"{T5}:umt5_config_from_shapes",
+        config_from_json=f"{T5}:umt5_config_from_json",
+        format="transformers",
+        identifying_keys=(
+            "shared.weight",
+            "encoder.block.*.layer.0.SelfAttention.relative_attention_bias.weight",
+            "encoder.final_layer_norm.weight",
+        ),
+        fingerprints={UMT5_XXL_FINGERPRINT: "umt5-xxl", UMT5_XXL_WAN_FINGERPRINT: "umt5-xxl"},
+        layout=BlockLayout((BlockGroup("encoder.block"),)),
+        keep_high_precision=_T5_HIGH_PRECISION,
+        released_configs={"umt5-xxl": f"{T5}:UMT5_XXL"},
+        description="umT5 encoder (transformers UMT5EncoderModel; Wan's umT5-XXL)",
+    )
+
+
+@hookimpl
+def difforge_register_converters() -> Iterator[ConverterSpec]:
+    yield ConverterSpec(
+        name="clip-text-extras",
+        source_format="transformers-full",
+        target_model="clip-text",
+        detect=f"{CLIP}:is_clip_with_extras",
+        rename=f"{CLIP}:clip_drop_extras",
+        description="CLIP checkpoints with a position_ids buffer or a vision tower: keep the text model",
+    )
+    yield ConverterSpec(
+        name="clip-text-flat",
+        source_format="transformers5",
+        target_model="clip-text",
+        detect=f"{CLIP}:is_clip_flat",
+        rename=f"{CLIP}:clip_flat_rename",
+        inverse_rename=f"{CLIP}:clip_flat_inverse_rename",
+        description="CLIPTextModel saved by transformers 5 from scratch (no text_model. prefix)",
+    )
+    yield ConverterSpec(
+        name="t5-encoder-extras",
+        source_format="transformers-full",
+        target_model="t5-encoder",
+        detect=f"{T5}:is_t5_with_extras",
+        rename=f"{T5}:t5_drop_unused",
+        transform=f"{T5}:t5_untie_embeddings",
+        description="T5 checkpoints with a tied encoder.embed_tokens copy, a decoder or an LM head",
+    )
+    yield ConverterSpec(
+        name="umt5-encoder-extras",
+        source_format="transformers-full",
+        target_model="umt5-encoder",
+        detect=f"{T5}:is_umt5_with_extras",
+        rename=f"{T5}:t5_drop_unused",
+        transform=f"{T5}:t5_untie_embeddings",
+        description="umT5 checkpoints with a tied encoder.embed_tokens copy, a decoder or an LM head",
+    )
+    yield ConverterSpec(
+        name="umt5-encoder-wan",
+        source_format="wan",
+        target_model="umt5-encoder",
+        detect=f"{T5}:is_wan_umt5",
+        rename=f"{T5}:wan_umt5_rename",
+        inverse_rename=f"{T5}:wan_umt5_inverse_rename",
+        description="Wan-AI's umT5 encoder (models_t5_umt5-xxl-enc-bf16.pth)",
+    )
