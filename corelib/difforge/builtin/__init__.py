@@ -48,6 +48,7 @@ def difforge_register_schedulers() -> Iterator[SchedulerSpec]:
             "time_shift_type": "exponential",
             "shift_terminal": None,
             "num_train_timesteps": 1000,
+            "spacing": "flux",
         },
         description="first-order Euler on the flow-matching ODE; static, resolution-dependent or terminal-stretched shift",
     )
