@@ -142,7 +142,7 @@ def test_bad_plugin_names_fail_before_loading(toy_files, monkeypatch):
         _build(toy_files, cache="nope")
     with pytest.raises(difforge.UnknownNameError, match="scheduler"):
         _build(toy_files, scheduler="flow-eulr")
-    with pytest.raises(ConfigError, match="has no option"):
+    with pytest.raises(ConfigError, match="Did you mean 'shift'"):
         _build(toy_files, scheduler={"name": "flow-euler", "shfit": 3.0})
     with pytest.raises(ConfigError, match="needs a 'name'"):
         _build(toy_files, cache={"threshold": 0.1})
@@ -225,15 +225,21 @@ def test_latents_passthrough_and_rand_device(toy_files):
 def test_rand_device_is_where_noise_is_drawn(toy_files, monkeypatch):
     pipe = _build(toy_files)
     seen = []
-    real = torch.randn
+    real_randn, real_generator = torch.randn, torch.Generator
 
-    def spy(*args, **kw):
-        seen.append(str(kw.get("device")))
-        return real(*args, **kw)
+    def generator(device="cpu"):
+        seen.append(("generator", str(device)))
+        return real_generator("cpu")
 
-    monkeypatch.setattr(torch, "randn", spy)
-    pipe.noise((1, 4, 4, 4), 0, "meta")
-    assert seen == ["meta"]
+    def randn(*args, **kw):
+        seen.append(("randn", str(kw.pop("device"))))
+        return real_randn(*args, **kw)
+
+    monkeypatch.setattr(torch, "Generator", generator)
+    monkeypatch.setattr(torch, "randn", randn)
+    noise = pipe.noise((1, 4, 4, 4), 0, "cuda:1")
+    assert seen == [("generator", "cuda:1"), ("randn", "cuda:1")]
+    assert noise.device == pipe.device
 
 
 def test_prompt_embeds_skip_the_text_encoder(toy_files, monkeypatch):
@@ -314,13 +320,13 @@ def test_swapping_cache_and_attention_is_reversible(toy_files):
     pipe.set_attention("sdpa")
     assert np.array_equal(pipe("a cat", seed=5, output_type="np", **QUIET), expected)
     pipe.set_cache({"name": "skip-odd"})
-    pipe.set_attention(None)
+    pipe.set_attention("math")
     assert np.array_equal(pipe("a cat", seed=5, output_type="np", **QUIET), cached)
 
 
 def test_attention_choice_reaches_the_op(toy_files, monkeypatch):
     import difforge.builtin.attention as builtin_attention
-    from difforge.ops import attention as attention_mod
+    attention_mod = sys.modules["difforge.ops.attention"]
 
     used = []
     real = builtin_attention.math_attention

@@ -470,3 +470,26 @@ class Pipeline:
             return latents
         images = self.decode(latents, **extra)
         return postprocess(images, kw["output_type"])
+
+
+def _check_names(
+    registry: Any,
+    spec: PipelineSpec,
+    scheduler: PluginChoice | None,
+    attention: PluginChoice | None,
+    cache: PluginChoice | None,
+    offload: list[PluginChoice],
+) -> None:
+    """Every plugin name and option is valid: checked before any file is read."""
+    from ..schedulers import build_scheduler
+
+    if scheduler is not None:
+        build_scheduler(scheduler.as_arg(), family=spec.family)
+    if attention is not None and normalize_name(attention.name) != "auto":
+        registry.attention.get(attention.name)
+    if cache is not None:
+        c = registry.caches.get(cache.name)
+        merge_options("cache strategy", c.name, c.options, cache.options)
+    for choice in offload:
+        o = registry.offload.get(choice.name)
+        merge_options("offload backend", o.name, o.options, choice.options)
