@@ -1,0 +1,204 @@
+"""Fixtures of the difforge-flux tests: tiny diffusers models with random weights, the same weights in
+our models, and writers for safetensors files (real ones and header-only sparse ones)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import difforge
+import difforge_flux
+from difforge.plugins import PluginSettings
+from difforge_flux.ae import FluxAE, flux_ae_config_from_shapes
+from difforge_flux.convert import ae_from_diffusers, ae_reshape, dit_fuse, dit_from_diffusers
+from difforge_flux.dit import FluxDiT, flux_dit_config_from_shapes
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY_DIT = dict(
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=(4, 6, 6),  # what flux_dit_config_from_shapes assumes for head dim 16
+)
+TINY_AE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[32, 32, 64, 64],
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=32,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
+@pytest.fixture(autouse=True)
+def flux_registry() -> Any:
+    """The built-in plugin and difforge-flux alone in the registry (restored afterwards)."""
+    host = difforge.reload_plugins(PluginSettings(autoload=False), plugins=[difforge_flux])
+    yield host.registry
+    difforge.reload_plugins()
+
+
+def randomize(module: torch.nn.Module, seed: int, std: float) -> None:
+    """Replace every weight with N(0, std) noise (diffusers zero-initialises some projections)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def bfl_from_diffusers(
+    sd: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], transform: Callable[[dict], dict]
+) -> dict:
+    """Apply a converter: rename every key (none may be dropped), then transform."""
+    renamed = {rename(k): v for k, v in sd.items()}
+    assert None not in renamed, [k for k in sd if rename(k) is None]
+    return transform(renamed)
+
+
+def build_from(sd: Mapping[str, torch.Tensor], cls: type, config: Any) -> torch.nn.Module:
+    """Build on the meta device and assign the weights, as the core loader does."""
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(dict(sd), strict=True, assign=True)
+    return model.eval()
+
+
+@dataclass
+class DiTPair:
+    """A tiny diffusers ``FluxTransformer2DModel``, our ``FluxDiT`` with the same weights, and inputs."""
+
+    guidance: bool
+    ref: Any
+    ours: FluxDiT
+    inputs: dict[str, torch.Tensor | None]
+
+    def ref_forward(self, **overrides: Any) -> torch.Tensor:
+        x = {**self.inputs, **overrides}
+        return self.ref(
+            hidden_states=x["img"],
+            encoder_hidden_states=x["txt"],
+            pooled_projections=x["y"],
+            timestep=x["timesteps"],
+            img_ids=x["img_ids"],
+            txt_ids=x["txt_ids"],
+            guidance=x["guidance"],
+        ).sample
+
+
+def dit_inputs(guidance: bool, batch: int = 2, height: int = 4, width: int = 6, text: int = 7) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1)
+    n = height * width
+    img_ids = torch.zeros(n, 3)
+    img_ids[:, 1] = torch.arange(n) // width
+    img_ids[:, 2] = torch.arange(n) % width
+    return {
+        "img": torch.randn(batch, n, TINY_DIT["in_channels"], generator=gen),
+        "img_ids": img_ids,
+        "txt": torch.randn(batch, text, TINY_DIT["joint_attention_dim"], generator=gen),
+        "txt_ids": torch.zeros(text, 3),
+        "timesteps": torch.tensor([0.25, 0.9])[:batch],
+        "y": torch.randn(batch, TINY_DIT["pooled_projection_dim"], generator=gen),
+        "guidance": torch.full((batch,), 3.5) if guidance else None,
+    }
+
+
+@pytest.fixture(params=[True, False], ids=["dev", "schnell"])
+def dit_pair(request: pytest.FixtureRequest) -> DiTPair:
+    guidance = request.param
+    ref = diffusers.FluxTransformer2DModel(**TINY_DIT, guidance_embeds=guidance).eval()
+    randomize(ref, seed=0, std=0.2)
+    sd = bfl_from_diffusers(ref.state_dict(), dit_from_diffusers, dit_fuse)
+    ours = build_from(sd, FluxDiT, flux_dit_config_from_shapes({k: v.shape for k, v in sd.items()}))
+    return DiTPair(guidance, ref, ours, dit_inputs(guidance))
+
+
+@dataclass
+class AEPair:
+    ref: Any
+    ours: FluxAE
+    image: torch.Tensor
+
+
+@pytest.fixture
+def ae_pair() -> AEPair:
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(**TINY_AE).eval()
+    randomize(ref, seed=0, std=0.05)
+    sd = bfl_from_diffusers(ref.state_dict(), ae_from_diffusers, ae_reshape)
+    config = flux_ae_config_from_shapes({k: v.shape for k, v in sd.items()})
+    image = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    return AEPair(ref, build_from(sd, FluxAE, config), image)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _header(shapes: Mapping[str, Sequence[int]], dtype: str, itemsize: int) -> tuple[bytes, int]:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in sorted(shapes):
+        size = itemsize
+        for d in shapes[key]:
+            size *= d
+        header[key] = {"dtype": dtype, "shape": list(shapes[key]), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+def write_sparse(path: Path, shapes: Mapping[str, Sequence[int]], dtype: str = "BF16") -> Path:
+    """A safetensors file with the real names and shapes whose data is a hole (``truncate``)."""
+    head, size = _header(shapes, dtype, {"BF16": 2, "F16": 2, "F32": 4}[dtype])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + size)
+    return path
+
+
+def write_sharded_sparse(
+    folder: Path, shapes: Mapping[str, Sequence[int]], shards: int, config: Mapping[str, Any]
+) -> Path:
+    """A diffusers component folder: ``config.json``, sparse shards and their index."""
+    keys = sorted(shapes)
+    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    weight_map = {}
+    for i, name in enumerate(names):
+        part = keys[i * len(keys) // shards : (i + 1) * len(keys) // shards]
+        write_sparse(folder / name, {k: shapes[k] for k in part})
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    (folder / "config.json").write_text(json.dumps(dict(config)))
+    return folder
+
+
+@pytest.fixture
+def sparse_writer() -> Callable[..., Path]:
+    return write_sparse
+
+
+@pytest.fixture
+def sharded_sparse_writer() -> Callable[..., Path]:
+    return write_sharded_sparse
