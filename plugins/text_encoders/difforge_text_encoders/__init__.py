@@ -8,7 +8,7 @@ Models (own format ``transformers``: the key layout of transformers' checkpoints
 
 Tokenizers (role ``tokenizer``, recognised from a folder's files), :mod:`.tokenization`:
 ``clip-tokenizer`` (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``), ``t5-tokenizer``
-(``tokenizer.json`` or ``spiece.model``; T5 and umT5).
+(``tokenizer.json`` or ``spiece.model``; T5 and umT5), ``qwen2-tokenizer`` (Qwen2.5-VL, Qwen-Image).
 
 This module is the plugin's entry point and stays light: everything heavy is named lazily.
 """
@@ -95,6 +95,21 @@ def difforge_register_models() -> Iterator[Any]:
         released_configs={"umt5-xxl": f"{T5}:UMT5_XXL"},
         description="umT5 encoder (transformers UMT5EncoderModel; Wan's umT5-XXL)",
     )
+    for kind, cls, what in (
+        ("clip", "CLIPTokenizer", "CLIP BPE tokenizer (vocab.json + merges.txt or tokenizer.json)"),
+        ("t5", "T5Tokenizer", "T5 / umT5 SentencePiece tokenizer (tokenizer.json or spiece.model)"),
+        ("qwen2", "Qwen2Tokenizer", "Qwen2 byte-level BPE tokenizer (Qwen2.5-VL, Qwen-Image)"),
+    ):
+        yield ModelSpec(
+            name=f"{kind}-tokenizer",
+            family=kind,
+            role="tokenizer",
+            module=f"{TOK}:{cls}",
+            config_from_shapes=None,
+            format="folder",
+            detect_folder=f"{TOK}:detect_{kind}_folder",
+            description=what,
+        )
 
 
 @hookimpl
