@@ -143,12 +143,18 @@ def read_header(path: PathArg) -> SafetensorsHeader:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise LoadError(f"{p}: truncated safetensors file ({file_size} bytes, shorter than the 8-byte header length). {hint}")
+                raise LoadError(
+                    f"{p}: truncated safetensors file ({file_size} bytes, shorter than the 8-byte length). {hint}"
+                )
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_SIZE:
-                raise LoadError(f"{p}: safetensors header length {n} is absurd (limit {MAX_HEADER_SIZE}); not a safetensors file? {hint}")
+                raise LoadError(
+                    f"{p}: safetensors header length {n} is absurd (limit {MAX_HEADER_SIZE}); not safetensors? {hint}"
+                )
             if 8 + n > file_size:
-                raise LoadError(f"{p}: safetensors header length {n} runs past the end of the {file_size}-byte file. {hint}")
+                raise LoadError(
+                    f"{p}: safetensors header length {n} runs past the end of the {file_size}-byte file. {hint}"
+                )
             raw = f.read(n)
     except LoadError:
         raise
@@ -170,7 +176,7 @@ def read_header(path: PathArg) -> SafetensorsHeader:
     try:
         tensors = {name: _entry(name, entry, data_size) for name, entry in doc.items()}
         spans = sorted((t.begin, t.end, name) for name, t in tensors.items() if t.end > t.begin)
-        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
             if begin_b < end_a:
                 raise ValueError(f"the data of tensors {a!r} and {b!r} overlap")
     except ValueError as exc:

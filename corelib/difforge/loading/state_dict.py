@@ -82,12 +82,14 @@ def _pick(names: list[str], what: str, folder: Path) -> str:
     return chosen[0]
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def folder_files(folder: Path) -> list[Path]:
     """The weight files of a model folder (a diffusers component or transformers folder):
     the shards of its index, else its one checkpoint (a set of ``-of-N`` shards or a single file)."""
     entries = sorted(p for p in folder.iterdir() if p.is_file())
     for suffixes in (SAFETENSORS_SUFFIXES, PICKLE_SUFFIXES):
-        indexes = {p.name: p for p in entries if p.name.endswith(".index.json") and Path(p.name[:-11]).suffix in suffixes}
+        indexes = {
+            p.name: p for p in entries if p.name.endswith(".index.json") and Path(p.name[:-11]).suffix in suffixes
+        }
         if indexes:
             index = indexes[_pick(list(indexes), "shard indexes", folder)]
             return [folder / s for s in sorted(set(_read_index(index).values()))]
@@ -105,7 +107,7 @@ def _expand(item: PathArg) -> list[Path]:
     p = Path(os.fspath(item)).expanduser()
     if p.exists():
         if p.is_dir():
-            files = _folder_files(p)
+            files = folder_files(p)
             if not files:
                 raise LoadError(f"{p} is a folder without weight files (.safetensors, .pth, .pt, .bin, .ckpt).")
             return files
@@ -256,7 +258,9 @@ def read_checkpoint_header(source: Source) -> CheckpointHeader:
             entries = {k: (tuple(t.shape), dtype_name(t.dtype)) for k, t in load_pickle(f).items()}
         for key, (shape, dtype) in entries.items():
             if key in key_files:
-                raise LoadError(f"tensor {key!r} is in two shards, {key_files[key]} and {f}; these are not shards of one checkpoint.")
+                raise LoadError(
+                    f"tensor {key!r} is in two files, {key_files[key]} and {f}; these are not shards of one checkpoint."
+                )
             shapes[key], dtypes[key], key_files[key] = shape, dtype, f
     if index is not None:
         for key, shard in _read_index(index).items():
@@ -322,7 +326,9 @@ def load_pickle(path: PathArg) -> dict[str, Any]:
             "safetensors.torch.save_file) and load that instead."
         ) from None
     except Exception as exc:  # any parser failure on a corrupt file (IndexError, EOFError, zip errors, ...)
-        raise LoadError(f"cannot read {p} as a torch checkpoint ({type(exc).__name__}: {exc}); is it corrupt?") from None
+        raise LoadError(
+            f"cannot read {p} as a torch checkpoint ({type(exc).__name__}: {exc}); is it corrupt?"
+        ) from None
     return _tensors_of(obj, p)
 
 
