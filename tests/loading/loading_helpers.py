@@ -12,13 +12,19 @@ import torch
 
 from difforge_sdk.toy.models import ToyDiT, ToyDiTConfig, toy_diffusers_inverse_rename, toy_diffusers_split_qkv
 
-DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.uint8: "U8"}
+DTYPE_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+}
 
 
-def toy_state_dict(config: ToyDiTConfig = ToyDiTConfig(), seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights of a toy DiT in the own (``toy``) layout."""
+def toy_state_dict(config: ToyDiTConfig | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of a toy DiT (default: the Toy-1 config) in the own (``toy``) layout."""
     torch.manual_seed(seed)
-    return {k: v.clone() for k, v in ToyDiT(config).state_dict().items()}
+    return {k: v.clone() for k, v in ToyDiT(config or ToyDiTConfig()).state_dict().items()}
 
 
 def to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,16 +50,23 @@ def write_safetensors(
     for key in order:
         t = tensors[key].contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        header[key] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         blobs.append(data)
         offset += len(data)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % align)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
     return path
 
 
-def write_sparse_header(path: Path, shapes: Mapping[str, Sequence[int]], dtype: str = "BF16", itemsize: int = 2) -> Path:
+def write_sparse_header(
+    path: Path, shapes: Mapping[str, Sequence[int]], dtype: str = "BF16", itemsize: int = 2
+) -> Path:
     """A safetensors file of the full size whose data is a hole: only the header is written."""
     header, offset = {}, 0
     for key, shape in shapes.items():

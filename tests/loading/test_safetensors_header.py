@@ -65,14 +65,19 @@ GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
         ({"t": [1]}, b"", None, "not an object"),
         ({"__metadata__": {"a": 1}}, b"", None, "__metadata__"),
         (
-            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
             b"\0" * 12,
             None,
             "overlap",
         ),
     ],
 )
-def test_rejects_malformed_headers(tmp_path: Path, header: object, data: bytes, length: int | None, needle: str) -> None:
+def test_rejects_malformed_headers(
+    tmp_path: Path, header: object, data: bytes, length: int | None, needle: str
+) -> None:
     path = tmp_path / "bad.safetensors"
     if header == b"" and length is None:
         path.write_bytes(b"\x05\0\0")

@@ -23,7 +23,9 @@ from difforge.loading.state_dict import (
 from .loading_helpers import toy_state_dict, write_safetensors
 
 
-def _shard(tmp_path: Path, sd: dict[str, torch.Tensor], n: int = 2, index: bool = True, stem: str = "model") -> list[Path]:
+def _shard(
+    tmp_path: Path, sd: dict[str, torch.Tensor], n: int = 2, index: bool = True, stem: str = "model"
+) -> list[Path]:
     """Split ``sd`` into ``n`` safetensors shards with a transformers/diffusers-style index."""
     keys = sorted(sd)
     files, weight_map = [], {}
@@ -121,7 +123,7 @@ def test_shards_without_index_use_their_names(tmp_path: Path) -> None:
 def test_duplicate_key_across_shards(tmp_path: Path) -> None:
     a = write_safetensors(tmp_path / "a.safetensors", {"x": torch.ones(2), "y": torch.ones(1)})
     b = write_safetensors(tmp_path / "b.safetensors", {"x": torch.zeros(2)})
-    with pytest.raises(LoadError, match="'x' is in two shards"):
+    with pytest.raises(LoadError, match="'x' is in two files"):
         read_shapes([a, b])
 
 
@@ -155,7 +157,13 @@ def test_glob(tmp_path: Path) -> None:
 
 def test_save_safetensors_round_trip_and_alignment(tmp_path: Path) -> None:
     base = torch.randn(6, 4)
-    sd = {"view_a": base[:3], "view_b": base[3:], "h": torch.randn(3).half(), "i": torch.arange(5), "s": torch.tensor(2.0)}
+    sd = {
+        "view_a": base[:3],
+        "view_b": base[3:],
+        "h": torch.randn(3).half(),
+        "i": torch.arange(5),
+        "s": torch.tensor(2.0),
+    }
     path = save_safetensors(sd, tmp_path / "out" / "x.safetensors", {"format": "toy"})
     from safetensors.torch import load_file
 
