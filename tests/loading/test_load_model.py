@@ -222,3 +222,12 @@ def test_memory_stays_close_to_the_file_size(tmp_path: Path) -> None:
     )
     assert after_load < 0.25 * size, f"loading (nothing touched) grew RSS by {after_load / size:.2f}x the file"
     assert after_touch < 1.15 * size, f"RSS grew by {after_touch / size:.2f}x the file"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_to_cuda(own_file: Path) -> None:
+    model = difforge.load_model(own_file, torch_dtype=torch.float16, device="cuda")
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    sd = toy_state_dict()
+    assert all(torch.equal(model.state_dict()[k].cpu(), v.half()) for k, v in sd.items())

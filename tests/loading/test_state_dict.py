@@ -230,3 +230,11 @@ def test_corrupt_pickle(tmp_path: Path) -> None:
     torch.save({"a": 1}, tmp_path / "y.pt")
     with pytest.raises(LoadError, match="no state dict"):
         load_state_dict(tmp_path / "y.pt")
+
+
+def test_in_place_edits_never_reach_the_file(tmp_path: Path) -> None:
+    path = write_safetensors(tmp_path / "m.safetensors", {"a": torch.ones(64)})
+    before = path.read_bytes()
+    load_state_dict(path)["a"].add_(1)  # copy-on-write map: the process gets its own page
+    assert path.read_bytes() == before
+    assert torch.equal(load_state_dict(path)["a"], torch.ones(64))
