@@ -4,7 +4,8 @@ Models (own format ``transformers``: the key layout of transformers' checkpoints
 
 - ``clip-text``: CLIP's text transformer (FLUX.1's CLIP ViT-L/14), :mod:`.clip`;
 - ``t5-encoder``: the T5 v1.1 encoder (FLUX.1's T5-XXL), :mod:`.t5`;
-- ``umt5-encoder``: the umT5 encoder (Wan's umT5-XXL), :mod:`.t5`; also loads Wan-AI's ``.pth``.
+- ``umt5-encoder``: the umT5 encoder (Wan's umT5-XXL), :mod:`.t5`; also loads Wan-AI's ``.pth``;
+- ``qwen2.5-vl-text``: the Qwen2.5-VL language model (Qwen-Image's text encoder), :mod:`.qwen2_5_vl`.
 
 Tokenizers (role ``tokenizer``, recognised from a folder's files), :mod:`.tokenization`:
 ``clip-tokenizer`` (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``), ``t5-tokenizer``
@@ -24,6 +25,7 @@ difforge_api = ">=1,<2"
 
 CLIP = "difforge_text_encoders.clip"
 T5 = "difforge_text_encoders.t5"
+QWEN = "difforge_text_encoders.qwen2_5_vl"
 TOK = "difforge_text_encoders.tokenization"
 
 #: Fingerprints (see :func:`difforge.loading.fingerprint.fingerprint_shapes`) of released checkpoints,
@@ -32,6 +34,7 @@ CLIP_VIT_L_14_FINGERPRINT = "2bf08036a32f04685551ab6415405cc5"
 T5_V1_1_XXL_FINGERPRINT = "22eeda6401f40673b570bd325bd3536b"
 UMT5_XXL_FINGERPRINT = "359df014fd80737d670c5575fc853cf4"
 UMT5_XXL_WAN_FINGERPRINT = "f5ceed6c110fadbd92a8c402cb48a38f"
+QWEN2_5_VL_7B_FINGERPRINT = "e86717e77c5c291da95504e4c41ed1c8"
 
 _T5_HIGH_PRECISION = ("shared.*", "*layer_norm*", "*relative_attention_bias*")
 
@@ -95,6 +98,21 @@ def difforge_register_models() -> Iterator[Any]:
         released_configs={"umt5-xxl": f"{T5}:UMT5_XXL"},
         description="umT5 encoder (transformers UMT5EncoderModel; Wan's umT5-XXL)",
     )
+    yield ModelSpec(
+        name="qwen2.5-vl-text",
+        family="qwen2.5-vl",
+        role="text_encoder",
+        module=f"{QWEN}:Qwen25VLTextEncoder",
+        config_from_shapes=f"{QWEN}:qwen_config_from_shapes",
+        config_from_json=f"{QWEN}:qwen_config_from_json",
+        format="transformers",
+        identifying_keys=("embed_tokens.weight", "layers.*.self_attn.q_proj.bias", "norm.weight"),
+        fingerprints={QWEN2_5_VL_7B_FINGERPRINT: "Qwen2.5-VL-7B-Instruct"},
+        layout=BlockLayout((BlockGroup("layers"),)),
+        keep_high_precision=("embed_tokens.*", "*norm*"),
+        released_configs={"Qwen2.5-VL-7B-Instruct": f"{QWEN}:QWEN2_5_VL_7B"},
+        description="Qwen2.5-VL language model as a text encoder (Qwen-Image's text_encoder; no vision tower yet)",
+    )
     for kind, cls, what in (
         ("clip", "CLIPTokenizer", "CLIP BPE tokenizer (vocab.json + merges.txt or tokenizer.json)"),
         ("t5", "T5Tokenizer", "T5 / umT5 SentencePiece tokenizer (tokenizer.json or spiece.model)"),
@@ -148,6 +166,15 @@ def difforge_register_converters() -> Iterator[ConverterSpec]:
         rename=f"{T5}:t5_drop_unused",
         transform=f"{T5}:t5_untie_embeddings",
         description="umT5 checkpoints with a tied encoder.embed_tokens copy, a decoder or an LM head",
+    )
+    yield ConverterSpec(
+        name="qwen2.5-vl-text-full",
+        source_format="transformers-full",
+        target_model="qwen2.5-vl-text",
+        detect=f"{QWEN}:is_qwen_full",
+        rename=f"{QWEN}:qwen_full_rename",
+        description="whole Qwen2.5-VL checkpoints (model.layers / model.language_model.layers, visual.*, lm_head): "
+        "keep the language model",
     )
     yield ConverterSpec(
         name="umt5-encoder-wan",

@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from difforge.loading.state_dict import save_safetensors  # noqa: E402
-from difforge_text_encoders import clip, t5  # noqa: E402
+from difforge_text_encoders import clip, t5  # noqa: E402, F401
 
 TOL = 1e-4
 
@@ -230,3 +230,71 @@ def test_umt5_wan_pth_roundtrip(tmp_path: Path, load_detected) -> None:
     ids, mask = _t5_inputs()
     with torch.no_grad():
         assert _diff(ref(input_ids=ids, attention_mask=mask).last_hidden_state, ours(ids, mask).last_hidden_state) <= TOL
+
+
+# ---------------------------------------------------------------- Qwen2.5-VL text path
+
+
+def _qwen_reference() -> torch.nn.Module:
+    """A tiny Qwen2.5-VL with 128-wide heads (as every release), GQA and a one-block vision tower."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=99, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [16, 24, 24]},
+        ),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=256, fullatt_block_indexes=[0]),
+    )
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _qwen_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 99, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding, as Qwen-Image's tokenizer call pads
+    return ids, mask
+
+
+def _check_qwen(ref: torch.nn.Module, ours: torch.nn.Module) -> None:
+    ids, mask = _qwen_inputs()
+    with torch.no_grad():
+        for m in (None, mask):
+            r = ref.model(input_ids=ids, attention_mask=m, output_hidden_states=True)
+            o = ours(ids, m, output_hidden_states=True)
+            assert _diff(r.last_hidden_state, o.last_hidden_state) <= TOL
+            assert len(r.hidden_states) == len(o.hidden_states)
+            assert all(_diff(a, b) <= TOL for a, b in zip(r.hidden_states, o.hidden_states))
+        left = torch.zeros_like(mask)
+        left[:, 3:] = 1  # left padding: the tokens agree (padding rows are don't-care)
+        r, o = ref.model(input_ids=ids, attention_mask=left).last_hidden_state, ours(ids, left).last_hidden_state
+        assert _diff(r[:, 3:], o[:, 3:]) <= TOL
+
+
+def test_qwen2_5_vl_text_matches_transformers(tmp_path: Path, load_detected, save_transformers) -> None:
+    """The whole ``Qwen2_5_VLForConditionalGeneration`` as written (``model.layers``, ``visual.*``,
+    ``lm_head``): the converter keeps the language model; config.json gives rope theta."""
+    ref = _qwen_reference()
+    written = save_transformers(ref, tmp_path)
+    assert "lm_head.weight" in written and "model.layers.0.self_attn.q_proj.bias" in written
+    ours, det = load_detected(tmp_path)
+    assert (det.model, det.converter) == ("qwen2.5-vl-text", "qwen2.5-vl-text-full")
+    assert det.config.rope_theta == 10000.0 and det.config.num_key_value_heads == 1
+    _check_qwen(ref, ours)
+
+
+def test_qwen2_5_vl_text_only_and_v5_layouts(tmp_path: Path, load_detected) -> None:
+    """Only the language model under ``model.`` (the generic prefix is stripped: own layout), with a
+    transformers-4 config.json (text fields at the top level); and the transformers-5 module names
+    (``model.language_model.layers``, ``model.visual``)."""
+    ref = _qwen_reference()
+    state = ref.state_dict()
+    text = {k.replace("model.language_model.", "model."): v for k, v in state.items() if k.startswith("model.language_model.")}
+    v4_config = {"model_type": "qwen2_5_vl", **{k: v for k, v in ref.config.text_config.to_dict().items() if k != "rope_parameters"},
+                 "rope_theta": 10000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+    ours, det = load_detected(_write(tmp_path / "text", text, v4_config))
+    assert (det.converter, det.prefix, det.config.rope_theta) == (None, "model.", 10000.0)
+    _check_qwen(ref, ours)
+    ours, det = load_detected(_write(tmp_path / "v5", dict(state), ref.config.to_dict()))
+    assert det.converter == "qwen2.5-vl-text-full"
+    _check_qwen(ref, ours)

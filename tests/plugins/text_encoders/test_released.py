@@ -15,7 +15,7 @@ import difforge_text_encoders as te
 from difforge.loading.detect import detect_header
 from difforge.loading.fingerprint import fingerprint_shapes
 from difforge.loading.state_dict import CheckpointHeader
-from difforge_text_encoders import clip, t5
+from difforge_text_encoders import clip, qwen2_5_vl, t5
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,6 +35,26 @@ T5_XXL_JSON = {
     "pad_token_id": 0, "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32128,
 }
+# Qwen-Image's text_encoder/config.json (Qwen2.5-VL-7B-Instruct, written by transformers 4.53).
+_QWEN_TEXT = {
+    "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584,
+    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000, "max_window_layers": 28,
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}, "rope_theta": 1000000.0,
+    "use_sliding_window": False, "vocab_size": 152064,
+}
+QWEN_IMAGE_TEXT_ENCODER_JSON = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", **_QWEN_TEXT, "sliding_window": 32768,
+    "text_config": {**_QWEN_TEXT, "model_type": "qwen2_5_vl_text", "sliding_window": None},
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.53.1",
+    "vision_config": {
+        "depth": 32, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu", "hidden_size": 1280, "in_channels": 3,
+        "in_chans": 3, "intermediate_size": 3420, "model_type": "qwen2_5_vl", "num_heads": 16, "out_hidden_size": 3584,
+        "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2,
+        "tokens_per_second": 2, "window_size": 112,
+    },
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+}
 UMT5_XXL_JSON = {
     "architectures": ["UMT5EncoderModel"], "d_ff": 10240, "d_kv": 64, "d_model": 4096, "dense_act_fn": "gelu_new",
     "feed_forward_proj": "gated-gelu", "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "umt5",
@@ -44,7 +64,8 @@ UMT5_XXL_JSON = {
 
 
 def _own_shapes(config: object) -> dict[str, tuple[int, ...]]:
-    cls = clip.CLIPTextEncoder if isinstance(config, clip.CLIPTextConfig) else t5.T5Encoder
+    classes = {clip.CLIPTextConfig: clip.CLIPTextEncoder, t5.T5EncoderConfig: t5.T5Encoder, qwen2_5_vl.Qwen25VLTextConfig: qwen2_5_vl.Qwen25VLTextEncoder}
+    cls = classes[type(config)]
     with torch.device("meta"):
         model = cls(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -144,3 +165,43 @@ def test_wan_umt5_pth_header_detected_by_fingerprint(registry) -> None:
     det = detect_header(header)
     assert (det.model, det.format, det.converter, det.variant) == ("umt5-encoder", "wan", "umt5-encoder-wan", "umt5-xxl")
     assert det.config == t5.UMT5_XXL
+
+
+def _qwen_release_shapes() -> dict[str, tuple[int, ...]]:
+    """What Qwen-Image's ``text_encoder/`` shards hold: the whole Qwen2.5-VL-7B-Instruct, in the key
+    names transformers 4 writes (``model.layers``, ``visual``, ``lm_head``)."""
+    import re
+
+    config = transformers.Qwen2_5_VLConfig.from_dict(dict(QWEN_IMAGE_TEXT_ENCODER_JSON))
+    with torch.device("meta"):
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    legacy = lambda k: re.sub(r"^model\.(language_model\.)?", "model.", re.sub(r"^model\.visual\.", "visual.", k))  # noqa: E731
+    return {legacy(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_qwen2_5_vl_fingerprint_and_shards(registry, tmp_path: Path) -> None:
+    """Qwen-Image's ``text_encoder/`` (4 shards, 16584333312 bytes of bf16, real size, sparse): detected
+    by fingerprint through the converter that keeps the language model."""
+    shapes = _qwen_release_shapes()
+    assert fingerprint_shapes(shapes) == te.QWEN2_5_VL_7B_FINGERPRINT
+    assert sum(2 * torch.Size(s).numel() for s in shapes.values()) == 16584333312
+    own = {qwen2_5_vl.qwen_full_rename(k): v for k, v in shapes.items() if qwen2_5_vl.qwen_full_rename(k)}
+    assert own == _own_shapes(qwen2_5_vl.QWEN2_5_VL_7B)
+    spec = registry.models.get("qwen2.5-vl-text")
+    assert spec.fingerprints[te.QWEN2_5_VL_7B_FINGERPRINT] == "Qwen2.5-VL-7B-Instruct"
+    assert difforge._names.resolve(spec.config_from_json)(QWEN_IMAGE_TEXT_ENCODER_JSON, own) == qwen2_5_vl.QWEN2_5_VL_7B
+    assert spec.infer_config(own) == qwen2_5_vl.QWEN2_5_VL_7B
+
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    names = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    keys = sorted(shapes)
+    parts = [keys[i::4] for i in range(4)]
+    for name, part in zip(names, parts):
+        _sparse_safetensors(folder / name, {k: shapes[k] for k in part})
+    weight_map = {k: names[i] for i, part in enumerate(parts) for k in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 16584333312}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(QWEN_IMAGE_TEXT_ENCODER_JSON))
+    det = difforge.detect(folder)
+    assert (det.model, det.variant, det.converter) == ("qwen2.5-vl-text", "Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-text-full")
+    assert det.config == qwen2_5_vl.QWEN2_5_VL_7B
