@@ -30,7 +30,7 @@ def test_round_trip_own_diffusers_own_is_bit_identical(tmp_path: Path) -> None:
     assert diff == tmp_path / "diff.safetensors"
     assert _equal(load_state_dict(diff), to_diffusers(sd))
     header = read_checkpoint_header(diff)
-    assert header.metadata["format"] == "toy-diffusers"
+    assert header.metadata["difforge_format"] == "toy-diffusers" and header.metadata["format"] == "pt"
     assert difforge.detect(diff).format == "toy-diffusers"
     back = convert_checkpoint([diff], to_format="toy", output=tmp_path / "back.safetensors")
     assert _equal(load_state_dict(back), sd)

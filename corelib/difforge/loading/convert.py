@@ -296,7 +296,9 @@ def convert_checkpoint(inputs: PathArg | Sequence[PathArg], to_format: str, outp
         out = Path(os.fspath(output))
         if out.is_dir():
             out = out / f"{detection.model}.{want}.safetensors"
-        metadata = {"format": want, "difforge_model": detection.model}
+        # "format": "pt" is what transformers/diffusers expect of a torch safetensors file;
+        # the layout goes in its own key.
+        metadata = {"format": "pt", "difforge_format": want, "difforge_model": detection.model}
         save_safetensors(tensors, out, metadata)
     log.info("wrote %s (%s, format %s, %d tensors)", out, detection.model, want, len(tensors))
     return out
