@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..hookspecs import hookimpl
-from ..specs import AttentionSpec, SchedulerSpec
+from ..specs import AttentionSpec, OffloadSpec, SchedulerSpec
 
 difforge_api = ">=1,<2"
 
@@ -57,4 +57,31 @@ def difforge_register_schedulers() -> Iterator[SchedulerSpec]:
         factory="difforge.schedulers.flow_unipc:FlowUniPCScheduler",
         options={"shift": 1.0, "solver_order": 2, "num_train_timesteps": 1000},
         description="UniPC multistep solver (bh2) on flow-prediction sigmas, as the original Wan code samples",
+    )
+
+
+@hookimpl
+def difforge_register_offload_backends() -> Iterator[OffloadSpec]:
+    yield OffloadSpec(
+        name="cpu",
+        kind="location",
+        apply="difforge.builtin.offload:apply_cpu",
+        options={"offload_device": "cpu"},
+        description="model-level: each component lives on offload_device and moves to the compute device for its turn",
+    )
+    yield OffloadSpec(
+        name="sequential",
+        kind="location",
+        apply="difforge.builtin.offload:apply_sequential",
+        options={"offload_device": "cpu", "pin_memory": True, "prefetch": True, "vram_limit": None, "vram_buffer": 0.5},
+        description="stream weights block by block to the compute device (CUDA: pinned memory, next block prefetched); "
+        "vram_limit/vram_buffer (GiB) keep what fits resident",
+    )
+    yield OffloadSpec(
+        name="disk",
+        kind="location",
+        apply="difforge.builtin.offload:apply_disk",
+        options={"offload_dir": None, "verify": False, "vram_limit": None, "vram_buffer": 0.5},
+        description="weights stay in the checkpoint files and are read block by block for compute "
+        "(resident: about one block plus activations)",
     )
