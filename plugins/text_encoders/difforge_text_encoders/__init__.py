@@ -11,6 +11,9 @@ Tokenizers (role ``tokenizer``, recognised from a folder's files), :mod:`.tokeni
 ``clip-tokenizer`` (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``), ``t5-tokenizer``
 (``tokenizer.json`` or ``spiece.model``; T5 and umT5), ``qwen2-tokenizer`` (Qwen2.5-VL, Qwen-Image).
 
+Prompt helpers the family pipelines share (FLUX.1's pooled CLIP and padded T5, Wan's masked umT5,
+Qwen-Image's gathered hidden states): :mod:`.prompts`.
+
 This module is the plugin's entry point and stays light: everything heavy is named lazily.
 """
 

@@ -1,5 +1,5 @@
 """Fixtures for the difforge-text-encoders tests: a registry with only this plugin (and the core's
-built-ins), and loading a checkpoint the way the core does (detect, build on meta, assign)."""
+built-ins), and loading a checkpoint through the core (``difforge.load_model``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import torch
 
 import difforge
 import difforge_text_encoders
-from difforge.loading.convert import own_state_dict
-from difforge.loading.state_dict import open_checkpoint
 from difforge.plugins import PluginSettings
 
 
@@ -27,15 +25,9 @@ def registry() -> Iterator[Any]:
 
 
 def _load_detected(path: Path | str | list[Path]) -> tuple[torch.nn.Module, Any]:
-    """Detect ``path``, build its model on the meta device and assign its (converted) weights."""
-    detection = difforge.detect(path)
-    spec = difforge.get_registry().models.get(detection.model)
-    with torch.device("meta"):
-        model = spec.build(detection.config)
-    with open_checkpoint(path) as checkpoint:
-        state = dict(own_state_dict(checkpoint, detection))
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.eval(), detection
+    """``difforge.load_model(path)``: detected, built on the meta device, (converted) weights assigned."""
+    model = difforge.load_model(path)
+    return model, model.difforge_detection
 
 
 def _save_transformers(model: Any, folder: Path) -> dict[str, torch.Tensor]:

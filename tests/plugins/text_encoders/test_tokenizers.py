@@ -195,3 +195,78 @@ def test_tokenizer_api_errors_and_options(tmp_path: Path) -> None:
     with pytest.raises(difforge.DifforgeError, match="not a clip tokenizer folder"):
         tk.CLIPTokenizer.from_folder(tmp_path)
     assert tk.detect_t5_folder(tmp_path / "clip") is None and tk.detect_qwen2_folder(tmp_path / "clip") is None
+
+
+# ---------------------------------------------------------------- prompt helpers vs the diffusers pipelines
+
+
+def _stub(**attrs):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(_execution_device=torch.device("cpu"), **attrs)
+
+
+def _saved(model, folder: Path):
+    model.save_pretrained(folder)
+    return difforge.load_model(folder)
+
+
+def test_flux_prompt_helpers_match_diffusers(registry, tmp_path: Path) -> None:
+    """FLUX.1's CLIP pooled output (77 tokens) and T5 embeddings (padded, no mask) as FluxPipeline computes them."""
+    from diffusers import FluxPipeline
+
+    from difforge_text_encoders import prompts
+
+    clip_dir, t5_dir = _train_clip(tmp_path / "tokenizer", "<|endoftext|>"), _train_t5(tmp_path / "tokenizer_2")
+    ref_tok, ref_tok2 = transformers.CLIPTokenizer.from_pretrained(clip_dir), transformers.T5TokenizerFast.from_pretrained(t5_dir)
+    torch.manual_seed(0)
+    ref_clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(ref_tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, eos_token_id=2)).eval()
+    ref_t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(ref_tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")).eval()
+    clip, t5 = _saved(ref_clip, tmp_path / "text_encoder"), _saved(ref_t5, tmp_path / "text_encoder_2")
+    tok, tok2 = tk.CLIPTokenizer.from_folder(clip_dir), tk.T5Tokenizer.from_folder(t5_dir)
+    pipe = _stub(tokenizer=ref_tok, text_encoder=ref_clip, tokenizer_2=ref_tok2, text_encoder_2=ref_t5, tokenizer_max_length=77)
+    with torch.no_grad():
+        want = FluxPipeline._get_clip_prompt_embeds(pipe, PROMPTS, device=torch.device("cpu"))
+        assert (prompts.clip_pooled(tok, clip, PROMPTS) - want).abs().max().item() <= 1e-4
+        want = FluxPipeline._get_t5_prompt_embeds(pipe, PROMPTS, max_sequence_length=64, device=torch.device("cpu"))
+        assert (prompts.t5_embeddings(tok2, t5, PROMPTS, max_length=64) - want).abs().max().item() <= 1e-4
+
+
+def test_wan_and_qwen_image_prompt_helpers_match_diffusers(registry, tmp_path: Path) -> None:
+    """Wan's umT5 (mask, padding zeroed) and Qwen-Image's template with the first 34 tokens dropped."""
+    from functools import partial
+
+    from diffusers import QwenImagePipeline, WanPipeline
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    from difforge_text_encoders import prompts
+
+    t5_dir, qwen_dir = _train_t5(tmp_path / "umt5-tokenizer"), _train_qwen2(tmp_path / "qwen-tokenizer")
+    ref_tok, ref_qtok = transformers.T5TokenizerFast.from_pretrained(t5_dir), transformers.Qwen2TokenizerFast.from_pretrained(qwen_dir)
+    torch.manual_seed(0)
+    ref_umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=len(ref_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")).eval()
+    ref_qwen = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(ref_qtok), hidden_size=256, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=256))).eval()
+    umt5, qwen = _saved(ref_umt5, tmp_path / "umt5"), _saved(ref_qwen, tmp_path / "qwen")
+    tok, qtok = tk.T5Tokenizer.from_folder(t5_dir), tk.Qwen2Tokenizer.from_folder(qwen_dir)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        wan = _stub(tokenizer=ref_tok, text_encoder=ref_umt5)
+        want = WanPipeline._get_t5_prompt_embeds(wan, PROMPTS, max_sequence_length=48, device=cpu, dtype=torch.float32)
+        got, _ = prompts.masked_embeddings(tok, umt5, [prompt_clean(p) for p in PROMPTS], max_length=48, pad_to=48)
+        assert got.shape == want.shape and (got - want).abs().max().item() <= 1e-4
+
+        q = _stub(tokenizer=ref_qtok, text_encoder=ref_qwen, prompt_template_encode=TEMPLATE, prompt_template_encode_start_idx=34,
+                  tokenizer_max_length=1024)
+        q._extract_masked_hidden = partial(QwenImagePipeline._extract_masked_hidden, q)
+        want, want_mask = QwenImagePipeline._get_qwen_prompt_embeds(q, PROMPTS, device=cpu, dtype=torch.float32)
+        texts = [TEMPLATE.format(p) for p in PROMPTS]
+        got, mask = prompts.masked_embeddings(qtok, qwen, texts, max_length=1024 + 34, padding="longest", drop=34)
+        assert got.shape == want.shape and mask.tolist() == want_mask.tolist()
+        assert (got - want).abs().max().item() <= 1e-4
