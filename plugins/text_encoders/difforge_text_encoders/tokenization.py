@@ -201,12 +201,17 @@ class TextTokenizer:
                 "(or truncation=False with padding='longest')"
             )
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-        rows = []
+        rows, dropped = [], []
         for enc in encodings:
             if truncation:
-                keep = max_length - (self.backend.num_special_tokens_to_add(False) if add_special_tokens else 0)
-                enc.truncate(max(keep, 0), direction=self.truncation_side)
+                keep = max(max_length - (self.backend.num_special_tokens_to_add(False) if add_special_tokens else 0), 0)
+                if len(enc.ids) > keep:
+                    cut = enc.ids[keep:] if self.truncation_side == "right" else enc.ids[: len(enc.ids) - keep]
+                    dropped.append(self.decode(cut))
+                enc.truncate(keep, direction=self.truncation_side)
             rows.append(self.backend.post_process(enc, add_special_tokens=add_special_tokens).ids)
+        if dropped:
+            log.warning("%s: %d prompt(s) truncated to %d tokens; dropped: %s", type(self).__name__, len(dropped), max_length, dropped)
         if padding in (True, "longest"):
             width = max(len(r) for r in rows)
         elif padding == "max_length":

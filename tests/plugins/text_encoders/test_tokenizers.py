@@ -182,10 +182,13 @@ def test_qwen2_tokenizer_matches_transformers(registry, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- API
 
 
-def test_tokenizer_api_errors_and_options(tmp_path: Path) -> None:
+def test_tokenizer_api_errors_and_options(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     tok = tk.CLIPTokenizer.from_folder(_train_clip(tmp_path / "clip", "<|endoftext|>"))
     ids, mask = tok("a cat", max_length=8)
     assert ids.dtype == mask.dtype == torch.long and ids.shape == (1, 8) and mask.tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]
+    with caplog.at_level("WARNING"):
+        ids, mask = tok("a cat holding a sign", max_length=5)
+    assert ids[0, -1].item() == tok.eos_token_id and "truncated to 5 tokens" in caplog.text and "sign" in caplog.text
     ids, mask = tok(["a cat", "a cat"], padding=False, truncation=False)
     assert ids.shape == (2, 4) and bool(mask.all())
     with pytest.raises(difforge.ConfigError, match="padding"):
