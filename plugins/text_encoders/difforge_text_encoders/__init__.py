@@ -31,12 +31,17 @@ T5 = "difforge_text_encoders.t5"
 QWEN = "difforge_text_encoders.qwen2_5_vl"
 TOK = "difforge_text_encoders.tokenization"
 
-#: Fingerprints (see :func:`difforge.loading.fingerprint.fingerprint_shapes`) of released checkpoints,
-#: computed from their published configs on the meta device; ``tests/plugins/text_encoders`` recomputes them.
+# Fingerprints (:func:`difforge.loading.fingerprint.fingerprint_shapes`) of released checkpoints, computed
+# from their published configs on the meta device; tests/plugins/text_encoders/test_released.py recomputes them.
+#: FLUX.1's text_encoder/model.safetensors; ComfyUI's clip_l.safetensors (196 tensors, no text_projection)
 CLIP_VIT_L_14_FINGERPRINT = "2bf08036a32f04685551ab6415405cc5"
+#: FLUX.1's text_encoder_2/ shards (219 tensors: shared.weight, no tied encoder.embed_tokens copy)
 T5_V1_1_XXL_FINGERPRINT = "22eeda6401f40673b570bd325bd3536b"
+#: umT5-XXL encoder in transformers' layout (UMT5EncoderModel.save_pretrained; ComfyUI's umt5_xxl files use these names)
 UMT5_XXL_FINGERPRINT = "359df014fd80737d670c5575fc853cf4"
+#: Wan-AI's models_t5_umt5-xxl-enc-bf16.pth (blocks.N.attn.q.weight, ...)
 UMT5_XXL_WAN_FINGERPRINT = "f5ceed6c110fadbd92a8c402cb48a38f"
+#: Qwen-Image's text_encoder/ shards: the whole Qwen2.5-VL-7B-Instruct (model.layers, visual, lm_head)
 QWEN2_5_VL_7B_FINGERPRINT = "e86717e77c5c291da95504e4c41ed1c8"
 
 _T5_HIGH_PRECISION = ("shared.*", "*layer_norm*", "*relative_attention_bias*")

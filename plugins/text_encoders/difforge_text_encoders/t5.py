@@ -357,7 +357,7 @@ def umt5_config_from_json(config: Mapping[str, Any], shapes: Shapes) -> T5Encode
 
 # ---------------------------------------------------------------- converter: whole T5 checkpoints
 
-_UNUSED = re.compile(r"^(decoder\.|lm_head\.)")
+_UNUSED = re.compile(r"^(decoder\.|lm_head\.|spiece_model$)")
 
 
 def _is_t5_with_extras(keys: Sequence[str], per_layer: bool) -> bool:
@@ -371,7 +371,8 @@ def _is_t5_with_extras(keys: Sequence[str], per_layer: bool) -> bool:
 
 def is_t5_with_extras(keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> bool:
     """A T5 checkpoint with more than the encoder: the tied ``encoder.embed_tokens.weight`` copy
-    (files written from a state dict rather than ``save_pretrained``), or a decoder and LM head."""
+    (files written from a state dict rather than ``save_pretrained``), a decoder and LM head, or the
+    tokenizer ComfyUI embeds as a ``spiece_model`` byte tensor."""
     return _is_t5_with_extras(keys, per_layer=False)
 
 

@@ -192,8 +192,8 @@ def test_t5_config_from_shapes_and_plain_relu(tmp_path: Path, load_detected, sav
 
 @pytest.mark.parametrize("umt5", [False, True], ids=["t5", "umt5"])
 def test_t5_whole_checkpoint_with_tied_embeddings(tmp_path: Path, load_detected, umt5: bool) -> None:
-    """A state dict written as is (``encoder.embed_tokens.weight`` beside ``shared.weight``), and a whole
-    encoder-decoder, load through the extras converter."""
+    """A state dict written as is (``encoder.embed_tokens.weight`` beside ``shared.weight``), only the
+    tied copy (with a ComfyUI ``spiece_model`` tensor), and a whole encoder-decoder: the extras converter."""
     ref = _t5_reference(umt5)
     config = ref.config.to_dict()
     ours, det = load_detected(_write(tmp_path / "tied", dict(ref.state_dict()), config))
@@ -202,6 +202,7 @@ def test_t5_whole_checkpoint_with_tied_embeddings(tmp_path: Path, load_detected,
     with torch.no_grad():
         assert _diff(ref(input_ids=ids, attention_mask=mask).last_hidden_state, ours(ids, mask).last_hidden_state) <= TOL
     only_tied = {k: v for k, v in ref.state_dict().items() if k != "shared.weight"}
+    only_tied["spiece_model"] = torch.arange(16, dtype=torch.uint8)  # ComfyUI embeds the tokenizer so
     ours, _ = load_detected(_write(tmp_path / "only-tied", only_tied, config))
     with torch.no_grad():
         assert _diff(ref(input_ids=ids).last_hidden_state, ours(ids).last_hidden_state) <= TOL
