@@ -188,6 +188,7 @@ def test_call_argument_checks_before_heavy_work(toy_files, monkeypatch):
         (dict(denoising_strength=0.5), "input_image"),
         (dict(output_type="jpeg"), "output_type"),
         (dict(seed=-1), "seed"),
+        (dict(num_inference_step=3), "did you mean 'num_inference_steps'"),
     ]:
         with pytest.raises(ConfigError, match=match):
             pipe("a cat", **bad, **QUIET)

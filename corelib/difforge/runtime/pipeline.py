@@ -44,6 +44,15 @@ _branch: contextvars.ContextVar[str] = contextvars.ContextVar("difforge_cfg_bran
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
+#: call arguments the runtime itself consumes; every other one is passed to the family's methods
+RUNTIME_ARGUMENTS = frozenset(
+    {
+        "prompt", "negative_prompt", "cfg_scale", "height", "width", "num_inference_steps", "seed",
+        "rand_device", "latents", "prompt_embeds", "negative_prompt_embeds", "input_image",
+        "denoising_strength", "output_type", "callback", "progress_bar_cmd",
+    }
+)
+
 
 def current_cfg_branch() -> str:
     """``"cond"`` or ``"uncond"``: the classifier-free-guidance branch being computed.
@@ -78,6 +87,8 @@ class Pipeline:
     spatial_multiple: int = 16
     #: call defaults of the family (``num_inference_steps``, ``height``, ``width``, ``cfg_scale``, ...)
     defaults: Mapping[str, Any] = {"num_inference_steps": 28, "height": 1024, "width": 1024, "cfg_scale": 1.0}
+    #: family call arguments without a default (``input_video``, ...), besides those in ``defaults``
+    call_arguments: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -397,8 +408,16 @@ class Pipeline:
         )
         if latents is not None and height is None and width is None:
             kw["height"], kw["width"] = self.size_from_latents(latents)
+        given = set(family_kwargs) | set(self.call_defaults)
+        unknown = sorted(given - RUNTIME_ARGUMENTS - set(self.defaults) - set(self.call_arguments))
+        if unknown:
+            from ..errors import closest
+
+            known = sorted({*RUNTIME_ARGUMENTS, *self.defaults, *self.call_arguments})
+            hints = [f"{u!r}" + (f" (did you mean {h!r}?)" if (h := closest(u, known)) else "") for u in unknown]
+            raise ConfigError(f"pipeline {self.spec.name!r} takes no argument {', '.join(hints)}")
         self.check_inputs(kw)
-        extra = {k: kw[k] for k in family_kwargs if k in kw}
+        extra = {k: v for k, v in kw.items() if k not in RUNTIME_ARGUMENTS}
         with torch.inference_mode(), use_attention(self.attention):
             return self._run(kw, extra, rand_device, callback, progress_bar_cmd)
 
