@@ -48,10 +48,11 @@ from ..specs import BlockLayout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["apply_cpu", "apply_sequential", "apply_disk", "checkpoint_loaders", "offload_units"]
+__all__ = ["LOCATION_MARK", "apply_cpu", "apply_sequential", "apply_disk", "checkpoint_loaders", "offload_units"]
 
 _GIB = 1 << 30
-_MARK = "_difforge_location_offload"
+LOCATION_MARK = "_difforge_location_offload"
+"""Set in the ``__dict__`` of every component a location backend holds (its value: the backend's name)."""
 
 
 # ---------------------------------------------------------------- units: what moves together
@@ -172,7 +173,7 @@ def _components(pipe: Any, backend: str) -> dict[str, nn.Module]:
     order = [s for s in getattr(pipe.spec, "component_order", ()) if s in models]
     order += [s for s in models if s not in order]
     for slot in order:
-        other = models[slot].__dict__.get(_MARK)
+        other = models[slot].__dict__.get(LOCATION_MARK)
         if other is not None:
             raise ConfigError(
                 f"offload backend {backend!r}: component {slot!r} is already offloaded by {other!r}; use one "
@@ -210,7 +211,7 @@ class ModelOffload:
         self._hooks: list[Any] = []
         for slot, module in self.components.items():
             module.to(self.offload_device)
-            module.__dict__[_MARK] = "cpu"
+            module.__dict__[LOCATION_MARK] = "cpu"
             for sub in module.modules():
                 if _has_tensors(sub):
                     self._hooks.append(sub.register_forward_pre_hook(self._enter_hook(slot), prepend=True))
@@ -244,7 +245,7 @@ class ModelOffload:
             for tensor, device in self._devices[slot]:
                 if tensor.device != device:
                     tensor.data = tensor.data.to(device)
-            module.__dict__.pop(_MARK, None)
+            module.__dict__.pop(LOCATION_MARK, None)
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -272,7 +273,7 @@ class _StreamingOffload:
                 units = offload_units(module, _layout(pipe, slot))
                 self._prepare(slot, module, units)
                 self.units[slot] = units
-                module.__dict__[_MARK] = self.backend
+                module.__dict__[LOCATION_MARK] = self.backend
                 for unit in units:
                     for s in unit.slots:
                         s.put(s.placeholder)
@@ -372,7 +373,7 @@ class _StreamingOffload:
             for s in unit.slots:
                 s.put(s.original)
         for module in self.components.values():
-            module.__dict__.pop(_MARK, None)
+            module.__dict__.pop(LOCATION_MARK, None)
         self.units.clear()
         self._close()
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from difforge import ConfigError, DifforgeError
-from difforge.builtin.offload import checkpoint_loaders
+from difforge.builtin.offload import LOCATION_MARK, checkpoint_loaders
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class Fp8Handle:
     def __init__(self, fmt: str, scaled: bool) -> None:
         self.format, self.scaled = fmt, scaled
         self.layers: list[_Layer] = []
+        self.roots: list[nn.Module] = []
         self.skipped: list[str] = []
         self.bytes_before = 0
         self.bytes_after = 0
@@ -138,11 +139,11 @@ class Fp8Handle:
         }
 
     def remove(self) -> None:
-        offloaded = [layer.key for layer in self.layers if layer.module._parameters["weight"].is_meta]
+        offloaded = [m.__dict__[LOCATION_MARK] for m in self.roots if LOCATION_MARK in m.__dict__]
         if offloaded:
             raise DifforgeError(
-                f"fp8: cannot remove while a location backend still holds the weights ({offloaded[0]} is a "
-                "placeholder); remove the location backend's handle first (handles come off in reverse order)"
+                f"fp8: cannot remove while the location backend {offloaded[0]!r} holds the weights; "
+                "remove the location backend's handle first (handles come off in reverse order)"
             )
         for layer in reversed(self.layers):
             module = layer.module
@@ -198,6 +199,7 @@ def cast_module(
     """
     _check_options({"format": fmt, "keep_original": keep_original, "scaled_mm": scaled_mm}, "fp8-scaled" if scaled else "fp8")
     handle = handle or Fp8Handle(fmt, scaled)
+    handle.roots.append(module)
     patterns = tuple(keep_high_precision)
     loaders = checkpoint_loaders(module, torch_dtype)
     fp8 = FORMATS[fmt]
