@@ -31,6 +31,7 @@ __all__ = [
     "T5EncoderConfig",
     "T5Encoder",
     "T5EncoderOutput",
+    "T5BiasContext",
     "T5_V1_1_XXL",
     "UMT5_XXL",
     "biased_attention",
@@ -142,13 +143,9 @@ class T5Attention(nn.Module):
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
 
     def position_bias(self, buckets: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``[1, H, Nq, Nk]`` from this layer's table, on ``like``'s device and in its dtype.
-
-        The lookup runs where the table lives, so an offloaded table still works.
-        """
-        table = self.relative_attention_bias.weight
-        values = nn.functional.embedding(buckets.to(table.device), table)
-        return values.permute(2, 0, 1)[None].to(device=like.device, dtype=like.dtype)
+        """``[1, H, Nq, Nk]`` from this layer's table, in ``like``'s dtype."""
+        values = self.relative_attention_bias(buckets)
+        return values.permute(2, 0, 1)[None].to(like.dtype)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -192,32 +189,38 @@ class T5LayerFF(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
 
-class T5Block(nn.Module):
-    """``forward(hidden_states, buckets, mask_bias, shared_bias=None) -> hidden_states``.
+@dataclass
+class T5BiasContext:
+    """What every block's attention bias is made of, for one forward; passed unchanged to each block.
 
-    ``buckets``: ``[N, N]`` relative position buckets; ``mask_bias``: ``[B, 1, 1, N]`` additive
-    padding mask (or None); ``shared_bias``: T5's position bias + mask, computed once by the encoder.
-    A umT5 block (``shared_bias`` None) builds its own from its table.
+    ``buckets``: ``[N, N]`` relative position buckets; ``mask_bias``: ``[B, 1, 1, N]`` additive padding
+    mask (or None); ``shared``: the last bias a block with a table computed. T5's block 0 fills it and
+    the other blocks reuse it; every umT5 block computes its own. The bias is made inside the block
+    that owns the table, so offload backends that materialise weights per block work unchanged.
     """
+
+    buckets: torch.Tensor
+    mask_bias: torch.Tensor | None = None
+    shared: torch.Tensor | None = None
+
+
+class T5Block(nn.Module):
+    """``forward(hidden_states, bias: T5BiasContext) -> hidden_states`` (the block contract)."""
 
     def __init__(self, config: T5EncoderConfig, has_relative_attention_bias: bool) -> None:
         super().__init__()
+        self.has_relative_attention_bias = has_relative_attention_bias
         self.layer = nn.ModuleList([T5LayerSelfAttention(config, has_relative_attention_bias), T5LayerFF(config)])
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        buckets: torch.Tensor,
-        mask_bias: torch.Tensor | None,
-        shared_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, bias: T5BiasContext) -> torch.Tensor:
         attn, ff = self.layer
-        bias = shared_bias
-        if bias is None:
-            bias = attn.SelfAttention.position_bias(buckets, hidden_states)
-            if mask_bias is not None:
-                bias = bias + mask_bias
-        hidden_states = _clamp_fp16(hidden_states + attn.SelfAttention(attn.layer_norm(hidden_states), bias))
+        if self.has_relative_attention_bias:
+            bias.shared = attn.SelfAttention.position_bias(bias.buckets, hidden_states)
+            if bias.mask_bias is not None:
+                bias.shared = bias.shared + bias.mask_bias
+        if bias.shared is None:
+            raise ConfigError("T5 encoder: a block without a relative position table ran before one with it")
+        hidden_states = _clamp_fp16(hidden_states + attn.SelfAttention(attn.layer_norm(hidden_states), bias.shared))
         return _clamp_fp16(hidden_states + ff.DenseReluDense(ff.layer_norm(hidden_states)))
 
 
@@ -253,18 +256,13 @@ class T5Encoder(nn.Module):
         x = self.shared(input_ids)
         n = input_ids.shape[-1]
         buckets = relative_position_buckets(n, n, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, x.device)
-        mask_bias = None
+        bias = T5BiasContext(buckets)
         if attention_mask is not None:
             keep = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
-            mask_bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
-        shared_bias = None
-        if not cfg.position_bias_per_layer:
-            shared_bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(buckets, x)
-            if mask_bias is not None:
-                shared_bias = shared_bias + mask_bias
+            bias.mask_bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
         hidden = [x] if output_hidden_states else None
         for block in self.encoder.block:
-            x = block(x, buckets, mask_bias, shared_bias)
+            x = block(x, bias)
             if hidden is not None:
                 hidden.append(x)
         x = self.encoder.final_layer_norm(x)
