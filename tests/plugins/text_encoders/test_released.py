@@ -205,3 +205,12 @@ def test_qwen2_5_vl_fingerprint_and_shards(registry, tmp_path: Path) -> None:
     det = difforge.detect(folder)
     assert (det.model, det.variant, det.converter) == ("qwen2.5-vl-text", "Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-text-full")
     assert det.config == qwen2_5_vl.QWEN2_5_VL_7B
+
+
+def test_t5xxl_with_tied_copy_is_still_the_release(registry, tmp_path: Path) -> None:
+    """A T5-XXL file that also carries the tied ``encoder.embed_tokens.weight`` (what the 9.79 GB size of
+    ComfyUI's ``t5xxl_fp16.safetensors`` suggests): the extras converter's output is the release."""
+    shapes = _own_shapes(t5.T5_V1_1_XXL)
+    shapes["encoder.embed_tokens.weight"] = shapes["shared.weight"]
+    det = difforge.detect(_sparse_safetensors(tmp_path / "t5xxl_fp16.safetensors", shapes, "F16"))
+    assert (det.model, det.converter, det.variant, det.config) == ("t5-encoder", "t5-encoder-extras", "t5-v1_1-xxl", t5.T5_V1_1_XXL)
