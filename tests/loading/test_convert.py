@@ -92,3 +92,23 @@ def test_cli_convert(own_file: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert difforge.detect(out).format == "toy-diffusers"
     assert main(["convert", str(own_file), "--to", "nope", "-o", str(tmp_path / "n.safetensors")]) == 2
     assert "toy-diffusers" in capsys.readouterr().err
+
+
+def test_meta_shape_tracing_does_not_import_dynamo(tmp_path):
+    """Detecting a converted-layout file must not pay torch's meta `cat` (which imports torch._dynamo)."""
+    import subprocess
+    import sys
+
+    from difforge_sdk.toy.checkpoints import write_toy_checkpoints
+
+    files = write_toy_checkpoints(tmp_path, dit_format="toy-diffusers")
+    code = (
+        "import sys, difforge, difforge_sdk.toy\n"
+        "difforge.reload_plugins(plugins=[difforge_sdk.toy])\n"
+        f"r = difforge.detect({str(files['dit'])!r})\n"
+        "m = difforge.load_model(r.paths, detection=r)\n"
+        "assert r.converter == 'toy-dit-diffusers', r\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -70,6 +70,52 @@ def _meta(shape: Sequence[int], dtype: str) -> Any:
     return torch.empty(tuple(shape), dtype=torch_dtype(dtype), device="meta")
 
 
+def _meta_ops_mode() -> Any:
+    """A torch-function mode answering ``cat``/``stack`` of meta tensors from shapes alone.
+
+    torch's own meta kernels for these go through ``torch._refs``, whose first use imports
+    ``torch._dynamo`` (seconds, and ~75 MiB); converter transforms only need the shapes.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    joins = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+
+    class MetaJoins(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if func in joins and args and not kwargs.get("out"):
+                tensors = list(args[0])
+                dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+                if tensors and all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+                    return _join_shapes(func is torch.stack, tensors, dim)
+            return func(*args, **kwargs)
+
+    return MetaJoins()
+
+
+def _join_shapes(stack: bool, tensors: list[Any], dim: int) -> Any:
+    import torch
+
+    first = list(tensors[0].shape)
+    if stack:
+        dim = dim % (len(first) + 1)
+        shape = first[:dim] + [len(tensors)] + first[dim:]
+    else:
+        dim = dim % len(first)
+        shape = first[:]
+        shape[dim] = sum(int(t.shape[dim]) for t in tensors)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    out = torch.empty(shape, dtype=dtype, device="meta")
+    cls = type(tensors[0])
+    if cls is not torch.Tensor:  # keep a tracing subclass and what it traced
+        out = out.as_subclass(cls)
+        out.sources = frozenset().union(*(getattr(t, "sources", frozenset()) for t in tensors))
+    return out
+
+
 def convert_shapes(
     converter: ConverterSpec, shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, str] | None = None
 ) -> dict[str, tuple[int, ...]]:
@@ -80,7 +126,9 @@ def convert_shapes(
         return {new: tuple(shapes[old]) for new, old in renamed.items()}
     dtypes = dtypes or {}
     meta = {new: _meta(shapes[old], dtypes.get(old, "F32")) for new, old in renamed.items()}
-    return {k: tuple(v.shape) for k, v in resolve(converter.transform)(meta).items()}
+    with _meta_ops_mode():
+        out = resolve(converter.transform)(meta)
+    return {k: tuple(v.shape) for k, v in out.items()}
 
 
 class LazyStateDict(Mapping[str, Any]):
@@ -147,7 +195,8 @@ def _plan_transform(
         t = _meta(shape, dtypes[key]).as_subclass(traced_cls)
         t.sources = frozenset((key,))
         traced[key] = t
-    out = transform(dict(traced))
+    with _meta_ops_mode():
+        out = transform(dict(traced))
     by_id = {id(t): k for k, t in traced.items()}
     passthrough: dict[str, str] = {}
     needs: dict[str, frozenset[str]] = {}
