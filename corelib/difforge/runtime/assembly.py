@@ -86,7 +86,7 @@ def diffusers_folder_configs(spec: PipelineSpec, folder: str) -> list[Any]:
     ModelConfig = _model_config_cls()
     configs = []
     for slot in spec.slots:
-        if slot.diffusers_subfolder and (Path(folder) / slot.diffusers_subfolder).is_dir():
+        if slot.kind == "model" and slot.diffusers_subfolder and (Path(folder) / slot.diffusers_subfolder).is_dir():
             configs.append(ModelConfig(path=str(Path(folder) / slot.diffusers_subfolder)))
     if not configs:
         subs = sorted(p.name for p in Path(folder).iterdir() if p.is_dir())
@@ -192,16 +192,6 @@ def detect_tokenizer(registry: Any, folder: str) -> tuple[ModelSpec, Any]:
     raise DetectionError(f"{folder}: recognised as several tokenizers ({', '.join(s.name for s, _ in hits)})")
 
 
-def _is_tokenizer_folder(registry: Any, mc: Any) -> bool:
-    folder = _local_folder(mc)
-    if folder is None:
-        return False
-    has_weights = any(
-        p.suffix in {".safetensors", ".pth", ".pt", ".bin", ".ckpt"} for p in Path(folder).iterdir() if p.is_file()
-    )
-    return not has_weights and bool(_tokenizer_specs(registry))
-
-
 def route(
     registry: Any,
     spec: PipelineSpec,
@@ -217,17 +207,19 @@ def route(
 
     found: list[Component] = []
     for mc in model_configs:
-        if _is_tokenizer_folder(registry, mc):
+        paths = [str(p) for p in mc.paths()]  # downloads if necessary
+        if not paths and _local_folder(mc):  # a folder without weights: a tokenizer
             tokenizer_configs = [*tokenizer_configs, mc]
             continue
         forced = getattr(mc, "model", None)
-        paths = [str(p) for p in mc.paths()]
         result = detect(_local_folder(mc) or paths)
         if forced and normalize_name(result.model) != normalize_name(forced):
             log.info("ModelConfig.model=%r overrides the detected %r", forced, result.model)
         model_spec = registry.models.get(forced or result.model)
         found.append(Component(slot="", spec=model_spec, paths=paths, detection=result, model_config=mc))
     for tc in tokenizer_configs:
+        if _local_folder(tc) is None:
+            tc.paths()  # downloads if necessary
         folder = _local_folder(tc) or _download_folder(tc)
         tok_spec, tok_config = detect_tokenizer(registry, folder)
         found.append(Component(slot="", spec=tok_spec, paths=[folder], detection=tok_config, model_config=tc))

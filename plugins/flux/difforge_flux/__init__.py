@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from difforge import BlockGroup, BlockLayout, ConverterSpec, ModelSpec, hookimpl
+from difforge import BlockGroup, BlockLayout, ConverterSpec, ModelSpec, PipelineSpec, SlotSpec, SourceSpec, hookimpl
 
 difforge_api = ">=1,<2"
 
@@ -37,8 +37,35 @@ BLOCK_LAYOUT = BlockLayout((BlockGroup("double_blocks", ("img", "txt")), BlockGr
 """Every block is called ``block(img, txt, vec=..., pe=...)`` and returns ``(img, txt)``."""
 
 
+FLUX_DEV_SCHEDULER = {
+    "name": "flow-euler",
+    "shift": 3.0,
+    "dynamic_shift": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+RELEASES = {
+    "FLUX.1-dev": ("black-forest-labs/FLUX.1-dev", "flux1-dev.safetensors"),
+    "FLUX.1-schnell": ("black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors"),
+}
+
+
+def _sources(repo: str, single_file: str) -> tuple[SourceSpec, ...]:
+    """The files of a release repository (same layout on ModelScope and HuggingFace)."""
+    return (
+        SourceSpec("dit", repo, single_file),
+        SourceSpec("vae", repo, "ae.safetensors"),
+        SourceSpec("text_encoder", repo, "text_encoder/model.safetensors"),
+        SourceSpec("text_encoder_2", repo, "text_encoder_2/"),
+        SourceSpec("tokenizer", repo, "tokenizer/"),
+        SourceSpec("tokenizer_2", repo, "tokenizer_2/"),
+    )
+
+
 @hookimpl
-def difforge_register_models() -> Iterator[ModelSpec]:
+def difforge_register_models() -> Iterator[ModelSpec | PipelineSpec]:
     yield ModelSpec(
         name="flux-dit",
         family="flux",
@@ -78,6 +105,25 @@ def difforge_register_models() -> Iterator[ModelSpec]:
         keep_high_precision=("*norm*",),
         released_configs={"FLUX.1": f"{AE}:FLUX1_AE"},
         description="FLUX.1 autoencoder: 16 latent channels, 8x, scale 0.3611, shift 0.1159",
+    )
+    yield PipelineSpec(
+        name="flux",
+        family="flux",
+        slots=(
+            SlotSpec("dit", ("flux-dit",), diffusers_subfolder="transformer"),
+            SlotSpec("vae", ("flux-ae",), diffusers_subfolder="vae"),
+            SlotSpec("text_encoder", ("clip-text",), diffusers_subfolder="text_encoder"),
+            SlotSpec("text_encoder_2", ("t5-encoder",), diffusers_subfolder="text_encoder_2"),
+            SlotSpec("tokenizer", ("clip-tokenizer",), kind="tokenizer", diffusers_subfolder="tokenizer"),
+            SlotSpec("tokenizer_2", ("t5-tokenizer",), kind="tokenizer", diffusers_subfolder="tokenizer_2"),
+        ),
+        pipeline="difforge_flux.pipeline:FluxPipeline",
+        default_scheduler=FLUX_DEV_SCHEDULER,
+        # as each release's scheduler/scheduler_config.json says
+        variant_schedulers={"FLUX.1-dev": FLUX_DEV_SCHEDULER, "FLUX.1-schnell": {"name": "flow-euler", "shift": 1.0}},
+        sources={variant: _sources(repo, single) for variant, (repo, single) in RELEASES.items()},
+        component_order=("text_encoder", "text_encoder_2", "dit", "vae"),
+        description="FLUX.1 text-to-image and image-to-image (dev, schnell, fine-tunes)",
     )
 
 
