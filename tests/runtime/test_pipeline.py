@@ -410,3 +410,40 @@ def test_cli_generate_and_run(toy_files, tmp_path, monkeypatch, capsys):
     assert main(["generate", "toy", "--prompt", "x", "--width", "40", "--device", "cpu", "--model", str(toy_files["dit"])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("difforge: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_default_sources_from_a_model_id(tmp_path, monkeypatch):
+    """With no files, or only a model id, the pipeline's default sources are fetched (here: found
+    already downloaded under DIFFORGE_MODEL_BASE_PATH, with downloads skipped)."""
+    write_toy_checkpoints(tmp_path / "models" / "difforge" / "Toy-1")
+    monkeypatch.setenv("DIFFORGE_MODEL_BASE_PATH", str(tmp_path / "models"))
+    monkeypatch.setenv("DIFFORGE_SKIP_DOWNLOAD", "1")
+    pipe = Pipeline.from_pretrained("toy", device="cpu")
+    assert set(pipe.components) == {"dit", "vae", "text_encoder"} and pipe.variant == "Toy-1"
+    pipe = Pipeline.from_pretrained("toy", [ModelConfig(model_id="difforge/Toy-1")], device="cpu")
+    assert set(pipe.components) == {"dit", "vae", "text_encoder"}
+
+
+def test_default_sources_go_through_the_hub_client(tmp_path, monkeypatch):
+    """Nothing local: the configured hub client (ModelScope by default) is asked for each source file."""
+    import sys
+    import types
+
+    src = write_toy_checkpoints(tmp_path / "hub")
+    calls = []
+
+    def snapshot_download(model_id, revision=None, local_dir=None, allow_patterns=None, **kw):
+        calls.append((model_id, tuple(allow_patterns or ())))
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        for pattern in allow_patterns or ():
+            for p in src.values():
+                if p.name == pattern:
+                    (Path(local_dir) / p.name).write_bytes(p.read_bytes())
+        return local_dir
+
+    monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(snapshot_download=snapshot_download))
+    monkeypatch.setenv("DIFFORGE_MODEL_BASE_PATH", str(tmp_path / "models"))
+    monkeypatch.delenv("DIFFORGE_SKIP_DOWNLOAD", raising=False)
+    pipe = Pipeline.from_pretrained("toy", device="cpu")
+    assert sorted(calls) == [("difforge/Toy-1", (n,)) for n in ("dit.safetensors", "text_encoder.safetensors", "vae.safetensors")]
+    assert pipe.variant == "Toy-1"
