@@ -312,6 +312,25 @@ class Pipeline:
     def check_call(self, kw: dict[str, Any]) -> None:
         """Family-specific argument checks and defaults (before any heavy work)."""
 
+    def encode_source(self, kw: Mapping[str, Any], extra: Mapping[str, Any]) -> torch.Tensor | None:
+        """The clean latents an image-to-image (or video-to-video) call starts from, or None.
+
+        The default encodes ``input_image``; video families override it for ``input_video``.
+        """
+        if kw.get("input_image") is None:
+            return None
+        image = preprocess_image(kw["input_image"], kw["height"], kw["width"])
+        return self.encode_image(image.to(self.device, self.torch_dtype))
+
+    def prepare_latents(self, latents: torch.Tensor, kw: Mapping[str, Any], extra: Mapping[str, Any]) -> torch.Tensor:
+        """The starting latents, after noise (and the source) were mixed; families that condition on
+        a frame (image-to-video) replace part of them here. Default: unchanged."""
+        return latents
+
+    def after_step(self, latents: torch.Tensor, step: int, extra: Mapping[str, Any]) -> torch.Tensor:
+        """Latents after scheduler step ``step`` (before the callback); default unchanged."""
+        return latents
+
     # ------------------------------------------------------------ the shared runtime
 
     call_defaults: dict[str, Any] = {}
@@ -463,12 +482,9 @@ class Pipeline:
         self.scheduler.set_timesteps(
             kw["num_inference_steps"], denoising_strength=strength, image_seq_len=self.image_seq_len(shape), device=self.device
         )
-        if kw.get("input_image") is not None:
-            image = preprocess_image(kw["input_image"], kw["height"], kw["width"])
-            x0 = self.encode_image(image.to(self.device, self.torch_dtype))
-            latents = self.scheduler.add_noise(x0, noise, 0)
-        else:
-            latents = noise
+        source = self.encode_source(kw, extra)
+        latents = noise if source is None else self.scheduler.add_noise(source, noise, 0)
+        latents = self.prepare_latents(latents, kw, extra)
 
         for handle in self._cache_handles:
             handle.reset()
@@ -478,7 +494,7 @@ class Pipeline:
         for i in progress(range(len(timesteps))):
             t = timesteps[i]
             velocity = self._predict_guided(latents, t, cond, uncond, cfg_scale, extra)
-            latents = self.scheduler.step(velocity, i, latents)
+            latents = self.after_step(self.scheduler.step(velocity, i, latents), i, extra)
             if callback is not None:
                 replaced = callback(self, i, t, latents)
                 if replaced is not None:
