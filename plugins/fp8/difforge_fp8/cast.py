@@ -43,22 +43,42 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype, *, scaled: bool, channel_
 
     Unscaled, values beyond the format's range are clipped to its largest value. Scaled, each
     output channel (``channel_dim``) is divided by ``amax / fp8_max`` first; the scale has the
-    weight's rank (size 1 except along ``channel_dim``) so that it broadcasts.
+    weight's rank (size 1 except along ``channel_dim``) so that it broadcasts. Work is done a few
+    million elements at a time, so the float32 temporaries stay small for any layer size.
     """
     fmax = torch.finfo(dtype).max
+    q = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     if not scaled:
-        return weight.clamp(-fmax, fmax).to(dtype), None
-    w = weight.float()
-    dims = [d for d in range(w.dim()) if d != channel_dim]
-    amax = w.abs().amax(dim=dims, keepdim=True) if dims else w.abs()
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
-    return (w / scale).clamp(-fmax, fmax).to(dtype), scale
+        for rows in _row_chunks(weight):
+            q[rows] = weight[rows].clamp(-fmax, fmax)
+        return q, None
+    dims = [d for d in range(weight.dim()) if d != channel_dim]
+    if channel_dim != 0:  # (transposed convolutions: small) all at once
+        w = weight.to(torch.float32, copy=True)
+        scale = _scale(torch.linalg.vector_norm(w, float("inf"), dim=dims, keepdim=True), fmax)
+        return w.div_(scale).clamp_(-fmax, fmax).to(dtype), scale
+    scale = torch.empty((weight.shape[0],) + (1,) * (weight.dim() - 1), dtype=torch.float32, device=weight.device)
+    for rows in _row_chunks(weight):
+        w = weight[rows].to(torch.float32, copy=True)  # a copy even for fp32 weights: divided in place below
+        scale[rows] = _scale(torch.linalg.vector_norm(w, float("inf"), dim=dims, keepdim=True) if dims else w.abs(), fmax)
+        q[rows] = w.div_(scale[rows]).clamp_(-fmax, fmax)
+    return q, scale
+
+
+def _scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    return torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+
+
+def _row_chunks(weight: torch.Tensor, elements: int = 1 << 22) -> list[slice]:
+    """Slices of whole rows (dim 0) of about ``elements`` elements each."""
+    step = max(1, elements // max(1, weight[0].numel())) if len(weight) else 1
+    return [slice(i, i + step) for i in range(0, len(weight), step)]
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The fp8 weight ``q`` (times ``scale``) in ``dtype``."""
     w = q.to(dtype)
-    return w if scale is None else w * scale.to(dtype)
+    return w if scale is None else w.mul_(scale.to(dtype))
 
 
 def _fp8_matmul_ok(x: torch.Tensor, q: torch.Tensor) -> bool:

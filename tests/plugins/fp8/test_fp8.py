@@ -27,6 +27,7 @@ KEEP = ("*norm*", "time_embed.*", "x_embedder.*", "final.*")  # the toy DiT's ke
 
 def test_plain_clips_scaled_keeps_range() -> None:
     w = torch.tensor([[1000.0, 0.5, -0.001], [0.002, -0.003, 0.001]])
+    before = w.clone()
     q, scale = quantize(w, torch.float8_e4m3fn, scaled=False)
     assert q.dtype == torch.float8_e4m3fn and scale is None
     assert dequantize(q, None, torch.float32)[0, 0] == 448.0  # clipped, never NaN
@@ -37,6 +38,17 @@ def test_plain_clips_scaled_keeps_range() -> None:
     assert rel_err(back[1], w[1]) < 0.05  # the row of small weights keeps its accuracy
     q, _ = quantize(w, torch.float8_e5m2, scaled=False)
     assert q.dtype == torch.float8_e5m2 and dequantize(q, None, torch.float32)[0, 0] == 1024.0
+    assert torch.equal(w, before)  # the input is never modified
+
+
+def test_quantize_in_chunks_equals_at_once() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(3000, 2000, dtype=torch.bfloat16)  # 6M elements: two row chunks
+    q, scale = quantize(w, torch.float8_e4m3fn, scaled=True)
+    wf = w.float()
+    want_scale = wf.abs().amax(dim=1, keepdim=True) / 448
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), (wf / want_scale).to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 def test_scaled_beats_plain_on_weights_with_outliers() -> None:
