@@ -128,19 +128,20 @@ def test_cpu_moves_components_in_turn(checkpoints: list[Path], reference: Any) -
     assert handle.stats() == {"active": "vae", "order": ["text_encoder", "dit", "vae"]}
 
 
-def test_disk_verify_catches_edited_weights(checkpoints: list[Path]) -> None:
+def test_disk_verify_catches_edited_weights(checkpoints: list[Path], tmp_path: Path) -> None:
     """Weights edited in place no longer equal their checkpoint: verify=True sends them to the scratch file."""
     pipe = build(checkpoints)
     with torch.no_grad():
         pipe.dit.blocks[0].mlp[0].weight.mul_(2)
     want = pipe(**CALL)
-    handle = apply_disk(pipe, {"offload_dir": None, "verify": True, "vram_limit": None, "vram_buffer": 0})
+    handle = apply_disk(pipe, {"offload_dir": tmp_path / "scratch", "verify": True, "vram_limit": None, "vram_buffer": 0})
     assert handle.stats()["scratch_bytes"] == pipe.dit.blocks[0].mlp[0].weight.shape.numel() * 4
     assert torch.equal(pipe(**CALL), want)
     folder = Path(handle.stats()["offload_dir"])
-    assert (folder / "dit.safetensors").is_file()
+    assert folder.parent == tmp_path / "scratch" and (folder / "dit.safetensors").is_file()
     handle.remove()
-    assert not folder.exists()  # its own temporary folder is deleted
+    assert not folder.exists() and (tmp_path / "scratch").is_dir()  # its own folder inside offload_dir is deleted
+    assert torch.equal(pipe(**CALL), want)
 
 
 def test_disk_refuses_a_checkpoint_changed_underneath(checkpoints: list[Path], reference: Any) -> None:

@@ -12,14 +12,15 @@ work with removable forward hooks on the pipeline's own modules.
   compute device for its forward and dropped after it. On CUDA the next block is prefetched on a
   side stream while the current one computes.
 - ``disk``: tensors are not kept in memory at all; each unit is read from the checkpoint files
-  (``pread``, no memory map, so resident memory is about one block plus activations) for its forward.
+  (plain reads, no memory map, so resident memory is about one block plus activations) for its forward.
   A tensor that is not its checkpoint tensor (an fp8 weight, a scale, a non-persistent buffer) is
   written once to a scratch safetensors file in ``offload_dir`` and read from there.
 
 Between forwards, the modules of ``sequential``/``disk`` hold meta placeholders (shapes and dtypes
 kept); the handles' :meth:`_StreamingOffload.materialised` says which units hold real tensors.
-``vram_limit``/``vram_buffer`` (GiB) keep as many units resident as ``vram_limit - vram_buffer``
-allows (non-block units first, then blocks in forward order), and stream only the rest.
+``vram_limit``/``vram_buffer`` (GiB) keep as many units resident on the compute device (for ``disk``
+on a CPU: in RAM) as ``vram_limit - vram_buffer`` allows (non-block units first, then blocks in
+forward order), and stream only the rest.
 A forward that raises leaves nothing materialised (the release hooks are ``always_call``).
 
 :func:`checkpoint_loaders` (which tensors of a loaded module can be re-read from its checkpoint,
@@ -559,9 +560,8 @@ class DiskOffload(_StreamingOffload):
         folder = options["offload_dir"]
         if folder is not None and not isinstance(folder, (str, os.PathLike)):
             raise ConfigError(f"offload backend 'disk': option offload_dir must be a folder path, got {folder!r}")
-        self._own_dir = folder is None
-        self.dir = Path(tempfile.mkdtemp(prefix="difforge-disk-")) if folder is None else Path(folder)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._folder = None if folder is None else Path(folder)
+        self.dir: Path | None = None  # made when the first scratch file is needed
         self._files = _Files()
         self._sources: dict[int, Callable[[], torch.Tensor]] = {}  # id(original tensor) -> CPU reader
         self._devices: dict[int, torch.device] = {}
@@ -582,6 +582,10 @@ class DiskOffload(_StreamingOffload):
             else:
                 self._sources[id(s.original)] = load
         if scratch:
+            if self.dir is None:  # a folder of our own (inside offload_dir if given), deleted by remove()
+                if self._folder is not None:
+                    self._folder.mkdir(parents=True, exist_ok=True)
+                self.dir = Path(tempfile.mkdtemp(prefix="difforge-disk-", dir=self._folder))
             path = save_safetensors({k: s.original.detach() for k, s in scratch.items()}, self.dir / f"{slot}.safetensors")
             for key, s in scratch.items():
                 self._sources[id(s.original)] = self._files.reader(path, key)
@@ -606,11 +610,11 @@ class DiskOffload(_StreamingOffload):
     def _close(self) -> None:
         self._files.close()
         self._sources.clear()
-        if self._own_dir:
+        if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "scratch_bytes": self.scratch_bytes, "offload_dir": str(self.dir)}
+        return {**super().stats(), "scratch_bytes": self.scratch_bytes, "offload_dir": self.dir and str(self.dir)}
 
 
 # ---------------------------------------------------------------- OffloadSpec.apply entry points
