@@ -447,3 +447,21 @@ def test_default_sources_go_through_the_hub_client(tmp_path, monkeypatch):
     pipe = Pipeline.from_pretrained("toy", device="cpu")
     assert sorted(calls) == [("difforge/Toy-1", (n,)) for n in ("dit.safetensors", "text_encoder.safetensors", "vae.safetensors")]
     assert pipe.variant == "Toy-1"
+
+
+def test_offload_applied_in_order_and_removable(toy_files):
+    """dtype backends before location backends; set_offload swaps them and back, bit for bit."""
+    plain = _build(toy_files)
+    expected = plain("a cat", seed=2, output_type="np", **QUIET)
+    pipe = _build(toy_files, offload=["sequential", "fp8"], cache="skip-odd")
+    kinds = [difforge.get_registry().offload.get(c.name).kind for c in pipe.offload_choices]
+    assert sorted(kinds) == ["dtype", "location"]
+    assert pipe("a cat", seed=2, output_type="np", **QUIET).shape == expected.shape
+    pipe.set_offload(None)
+    pipe.set_cache(None)
+    assert np.array_equal(pipe("a cat", seed=2, output_type="np", **QUIET), expected)
+    pipe.set_offload("disk")
+    assert np.array_equal(pipe("a cat", seed=2, output_type="np", **QUIET), expected)
+    pipe.set_offload([])
+    with pytest.raises(difforge.UnknownNameError):
+        pipe.set_offload("dsk")

@@ -212,11 +212,7 @@ class Pipeline:
         pipeline_cls = resolve(spec.pipeline)
         pipe: Pipeline = pipeline_cls(spec, components, device=device, torch_dtype=torch_dtype, detections=detections)
         pipe.set_scheduler(scheduler_choice.as_arg() if scheduler_choice else None, _folder=folder_scheduler)
-        pipe.offload_choices = offload_choices
-        for choice in sorted(offload_choices, key=lambda c: 0 if registry.offload.get(c.name).kind == "dtype" else 1):
-            off = registry.offload.get(choice.name)
-            options = merge_options("offload backend", off.name, off.options, choice.options)
-            pipe._offload_handles.append(resolve(off.apply)(pipe, options))
+        pipe._apply_offload(offload_choices)
         pipe.set_cache(cache_choice.as_arg() if cache_choice else None)
         pipe.set_attention(attention_choice.as_arg() if attention_choice else None)
         get_plugin_manager().hook.difforge_pipeline_built(pipeline=pipe)
@@ -248,6 +244,34 @@ class Pipeline:
             choice = parse_choice(default, "scheduler")
         self.scheduler = build_scheduler(choice.as_arg(), family=self.spec.family)
         self.scheduler_choice = choice
+
+    def _apply_offload(self, choices: list[PluginChoice]) -> None:
+        registry = get_registry()
+        specs = [(registry.offload.get(c.name), c) for c in choices]
+        for off, choice in sorted(specs, key=lambda sc: 0 if sc[0].kind == "dtype" else 1):  # dtype, then location
+            options = merge_options("offload backend", off.name, off.options, choice.options)
+            self._offload_handles.append(resolve(off.apply)(self, options))
+        self.offload_choices = list(choices)
+
+    def set_offload(self, offload: Any) -> None:
+        """Replace the offload backends (``None`` or ``[]`` removes them all).
+
+        The cache is taken off and put back around the change, so the order stays the fixed one:
+        dtype backends, location backends, cache, attention.
+        """
+        choices = parse_choices(offload, "offload")
+        registry = get_registry()
+        for choice in choices:
+            o = registry.offload.get(choice.name)
+            merge_options("offload backend", o.name, o.options, choice.options)
+        cache = self.cache_choice
+        self.set_cache(None)
+        for handle in reversed(self._offload_handles):
+            handle.remove()
+        self._offload_handles = []
+        self.offload_choices = []
+        self._apply_offload(choices)
+        self.set_cache(cache.as_arg() if cache else None)
 
     def set_cache(self, cache: str | Mapping[str, Any] | None) -> None:
         """Apply a cache strategy to every component with a block layout (None removes it)."""
