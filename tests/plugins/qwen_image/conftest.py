@@ -1,0 +1,136 @@
+"""Fixtures of the difforge-qwen-image tests: a tiny diffusers transformer with random weights, the
+same weights in our DiT, and writers of header-only (sparse) safetensors files."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import difforge
+import difforge_qwen_image
+import difforge_text_encoders
+from difforge.plugins import PluginSettings
+from difforge_qwen_image.dit import QwenImageDiT, qwen_image_dit_config_from_shapes
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY_DIT = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=(4, 6, 6),  # what qwen_image_dit_config_from_shapes assumes for head dim 16
+)
+
+
+@pytest.fixture(autouse=True)
+def qwen_registry() -> Any:
+    """The built-in plugin, difforge-text-encoders and difforge-qwen-image alone (restored afterwards)."""
+    host = difforge.reload_plugins(PluginSettings(autoload=False), plugins=[difforge_text_encoders, difforge_qwen_image])
+    yield host.registry
+    difforge.reload_plugins()
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Replace every weight with noise (diffusers zero-initialises some projections)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.1))
+
+
+def build_from(sd: Mapping[str, torch.Tensor], cls: type, config: Any) -> torch.nn.Module:
+    """Build on the meta device and assign the weights, as the core loader does."""
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(dict(sd), strict=True, assign=True)
+    return model.eval()
+
+
+@dataclass
+class DiTPair:
+    """A tiny diffusers ``QwenImageTransformer2DModel`` and our ``QwenImageDiT`` with the same weights."""
+
+    ref: Any
+    ours: QwenImageDiT
+
+    def ref_forward(self, img, txt, timesteps, grid, txt_mask=None) -> torch.Tensor:
+        shapes = [[(1, *grid)]] * img.shape[0]
+        return self.ref(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=txt_mask,
+                        timestep=timesteps, img_shapes=shapes).sample  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def dit_pair() -> DiTPair:
+    torch.manual_seed(0)
+    ref = diffusers.QwenImageTransformer2DModel(**TINY_DIT).eval()
+    randomize(ref, seed=0)
+    sd = ref.state_dict()
+    ours = build_from(sd, QwenImageDiT, qwen_image_dit_config_from_shapes({k: v.shape for k, v in sd.items()}))
+    return DiTPair(ref, ours)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _header(shapes: Mapping[str, Sequence[int]], dtype: str, itemsize: int) -> tuple[bytes, int]:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in sorted(shapes):
+        size = itemsize
+        for d in shapes[key]:
+            size *= d
+        header[key] = {"dtype": dtype, "shape": list(shapes[key]), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+def write_sparse(path: Path, shapes: Mapping[str, Sequence[int]], dtype: str = "BF16") -> Path:
+    """A safetensors file with the real names and shapes whose data is a hole (``truncate``)."""
+    head, size = _header(shapes, dtype, {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}[dtype])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + size)
+    return path
+
+
+def write_sharded_sparse(
+    folder: Path, shapes: Mapping[str, Sequence[int]], shards: int, config: Mapping[str, Any] | None = None
+) -> Path:
+    """A diffusers component folder: sparse shards, their index and (optionally) ``config.json``."""
+    keys = sorted(shapes)
+    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    weight_map = {}
+    for i, name in enumerate(names):
+        part = keys[i * len(keys) // shards : (i + 1) * len(keys) // shards]
+        write_sparse(folder / name, {k: shapes[k] for k in part})
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(dict(config)))
+    return folder
+
+
+@pytest.fixture
+def sparse_writer() -> Callable[..., Path]:
+    return write_sparse
+
+
+@pytest.fixture
+def sharded_sparse_writer() -> Callable[..., Path]:
+    return write_sharded_sparse
