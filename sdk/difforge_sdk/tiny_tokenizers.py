@@ -2,7 +2,8 @@
 
 Used by tests and the demo where no tokenizer can be downloaded: a CLIP BPE (``vocab.json`` +
 ``merges.txt``, ``</w>`` word ends, as openai/clip-vit-large-patch14) and a T5 unigram
-(``spiece.model``, as google/t5-v1_1-xxl; needs ``sentencepiece``, a test dependency).
+(``spiece.model``, as google/t5-v1_1-xxl; needs ``sentencepiece``, a test dependency) and a Qwen2
+byte-level BPE (``vocab.json`` + ``merges.txt`` with the chat tokens, as Qwen/Qwen-Image's ``tokenizer/``).
 """
 
 from __future__ import annotations
@@ -67,5 +68,40 @@ def write_t5_tokenizer(folder: str | Path, corpus: Sequence[str] = CORPUS, vocab
     (folder / "spiece.vocab").unlink()
     config = {"tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 100, "eos_token": "</s>",
               "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+QWEN_IMAGE_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def write_qwen2_tokenizer(folder: str | Path, corpus: Sequence[str] = CORPUS, vocab_size: int = 700) -> Path:
+    """A Qwen2-style byte-level BPE (``vocab.json`` + ``merges.txt``) with the chat special tokens after the
+    vocabulary, ``<|endoftext|>`` padding and ``<|im_end|>`` as end token, as Qwen2.5-VL's tokenizer; trained
+    on ``corpus`` and Qwen-Image's prompt template."""
+    from difforge_text_encoders.tokenization import _QWEN2_SPLIT
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    folder = Path(folder)
+    tok = Tokenizer(BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    trainer = BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([*corpus, QWEN_IMAGE_TEMPLATE], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.model.save(str(folder))
+    n = tok.get_vocab_size()
+    added = {str(n + i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+                          "special": True} for i, t in enumerate(QWEN2_SPECIAL_TOKENS)}  # fmt: skip
+    config = {"tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "eos_token": "<|im_end|>",
+              "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None, "model_max_length": 131072}  # fmt: skip
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
