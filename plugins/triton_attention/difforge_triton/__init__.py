@@ -13,7 +13,6 @@ faster on a GPU (see the README and ``benchmarks/attention.py``). Ask for it by 
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 
 from difforge import AttentionSpec, ConfigError, PluginUnavailable, hookimpl
@@ -21,7 +20,6 @@ from difforge import AttentionSpec, ConfigError, PluginUnavailable, hookimpl
 difforge_api = ">=1,<2"
 
 DEFAULT_PRIORITY = 5
-log = logging.getLogger(__name__)
 
 
 def _priority() -> int:
