@@ -117,6 +117,8 @@ DIT_KEYS = KeyMap(
 _FINAL_MOD = "final_layer.adaLN_modulation.1."
 _DOUBLE_QKV = re.compile(r"^(double_blocks\.\d+\.(?:img|txt)_attn\.)to_q\.(weight|bias)$")
 _SINGLE_QKV = re.compile(r"^(single_blocks\.\d+\.)to_q\.(weight|bias)$")
+_DOUBLE_FUSED = re.compile(r"^(double_blocks\.\d+\.(?:img|txt)_attn\.)qkv\.(weight|bias)$")
+_SINGLE_FUSED = re.compile(r"^(single_blocks\.\d+\.)linear1\.(weight|bias)$")
 
 
 def is_flux_diffusers(keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> bool:
@@ -169,11 +171,11 @@ def dit_split(sd: Mapping[str, Any]) -> dict[str, Any]:
     """Start BFL -> diffusers: split ``qkv`` and ``linear1``, swap the final modulation back."""
     out: dict[str, Any] = {}
     for key, value in sd.items():
-        if m := re.match(r"^(double_blocks\.\d+\.(?:img|txt)_attn\.)qkv\.(weight|bias)$", key):
+        if m := _DOUBLE_FUSED.match(key):
             base, kind = m.groups()
             for c, part in zip("qkv", value.chunk(3, dim=0)):
                 out[f"{base}to_{c}.{kind}"] = part
-        elif m := re.match(r"^(single_blocks\.\d+\.)linear1\.(weight|bias)$", key):
+        elif m := _SINGLE_FUSED.match(key):
             base, kind = m.groups()
             hidden = sd[f"{base}linear2.weight"].shape[0]
             q, k, v, mlp_in = value.split((hidden, hidden, hidden, value.shape[0] - 3 * hidden), dim=0)

@@ -52,13 +52,13 @@ def test_guidance_must_match_the_model(dit_pair) -> None:
 
 def test_blocks_follow_the_layout(dit_pair) -> None:
     """Every block of both groups takes (img, txt, vec=, pe=) and returns (img, txt) of the same shapes."""
-    from difforge_flux.dit import rope_angles
+    from difforge_flux.dit import rope_rotations
 
     model = dit_pair.ours
     x = dit_pair.inputs
     img, txt = model.img_in(x["img"]), model.txt_in(x["txt"])
     vec = torch.randn(img.shape[0], model.config.hidden_size)
-    pe = rope_angles(torch.cat((x["txt_ids"], x["img_ids"])), model.config.axes_dim, model.config.theta)
+    pe = rope_rotations(torch.cat((x["txt_ids"], x["img_ids"])), model.config.axes_dim, model.config.theta)
     assert [g.path for g in BLOCK_LAYOUT.groups] == ["double_blocks", "single_blocks"]
     with torch.no_grad():
         for group in BLOCK_LAYOUT.groups:
