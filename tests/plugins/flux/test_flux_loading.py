@@ -9,9 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-pytest.importorskip("difforge.loading.load", reason="difforge.load_model not available yet")
-
-import difforge  # noqa: E402
+import difforge
 
 
 def save(path, sd, prefix: str = ""):

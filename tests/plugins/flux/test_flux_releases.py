@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import difforge
 import difforge_flux
 from difforge_flux.ae import FLUX1_AE
 from difforge_flux.dit import FLUX1_DEV, FLUX1_SCHNELL
@@ -52,8 +53,6 @@ def test_entry_module_is_light() -> None:
 
 # ---------------------------------------------------------------- real-size headers
 
-detect_module = pytest.importorskip("difforge.loading.detect", reason="difforge.detect not available yet")
-
 
 @pytest.mark.parametrize(
     ("variant", "config"), [("FLUX.1-dev", FLUX1_DEV), ("FLUX.1-schnell", FLUX1_SCHNELL)], ids=["dev", "schnell"]
@@ -62,7 +61,7 @@ detect_module = pytest.importorskip("difforge.loading.detect", reason="difforge.
 def test_detect_bfl_dit(tmp_path, sparse_writer, variant, config, prefix) -> None:
     shapes = {prefix + k: v for k, v in released_shapes("flux-dit", variant, "bfl").items()}
     path = sparse_writer(tmp_path / "flux1.safetensors", shapes)
-    result = detect_module.detect(path)
+    result = difforge.detect(path)
     assert (result.model, result.family, result.format, result.variant) == ("flux-dit", "flux", "bfl", variant)
     assert result.config == config and result.prefix == prefix and result.converter is None
 
@@ -75,14 +74,14 @@ def test_detect_diffusers_dit_folder(tmp_path, sharded_sparse_writer, variant, c
     shapes = released_shapes("flux-dit", variant, "diffusers")
     json_config = dict(DIFFUSERS_DIT_CONFIG, guidance_embeds=config.guidance_embed)
     folder = sharded_sparse_writer(tmp_path / "transformer", shapes, shards=3, config=json_config)
-    result = detect_module.detect(folder)
+    result = difforge.detect(folder)
     assert (result.model, result.format, result.variant) == ("flux-dit", "diffusers", variant)
     assert result.config == config and result.converter == "flux-dit-diffusers"
 
 
 def test_detect_diffusers_dit_single_file(tmp_path, sparse_writer) -> None:
     shapes = released_shapes("flux-dit", "FLUX.1-dev", "diffusers")
-    result = detect_module.detect(sparse_writer(tmp_path / "flux1-dev-diffusers.safetensors", shapes))
+    result = difforge.detect(sparse_writer(tmp_path / "flux1-dev-diffusers.safetensors", shapes))
     assert (result.model, result.format, result.variant) == ("flux-dit", "diffusers", "FLUX.1-dev")
     assert result.config == FLUX1_DEV
 
@@ -90,7 +89,7 @@ def test_detect_diffusers_dit_single_file(tmp_path, sparse_writer) -> None:
 @pytest.mark.parametrize("layout", ["bfl", "diffusers"])
 def test_detect_ae(tmp_path, sparse_writer, layout) -> None:
     path = sparse_writer(tmp_path / "ae.safetensors", released_shapes("flux-ae", "FLUX.1", layout), dtype="F32")
-    result = detect_module.detect(path)
+    result = difforge.detect(path)
     assert (result.model, result.role, result.format, result.variant) == ("flux-ae", "vae", layout, "FLUX.1")
     assert result.config == FLUX1_AE
 
@@ -99,6 +98,6 @@ def test_detect_pruned_fine_tune(tmp_path, sparse_writer) -> None:
     """Not a release (fewer single blocks): structural detection, no variant, the config inferred."""
     schnell = released_shapes("flux-dit", "FLUX.1-schnell", "bfl")
     shapes = {k: v for k, v in schnell.items() if not k.startswith("single_blocks.37.")}
-    result = detect_module.detect(sparse_writer(tmp_path / "pruned.safetensors", shapes))
+    result = difforge.detect(sparse_writer(tmp_path / "pruned.safetensors", shapes))
     assert (result.model, result.variant) == ("flux-dit", None)
     assert result.config.depth_single_blocks == 37 and not result.config.guidance_embed
