@@ -167,14 +167,16 @@ def main() -> None:
           f"{'max|diff|':>10} {'max|ref|':>9} {'join/single':>12}")  # fmt: skip
     for r in results:
         cpu_ratio = "-" if r["cpu_time_ratio"] is None else f"{r['cpu_time_ratio']:.3f}"
-        print(f"{r['dtype']:6} {1e3 * r['diffusers_s']:13.1f} {1e3 * r['ours_s']:9.1f} {r['ratio']:6.3f} {cpu_ratio:>15} "
-              f"{r['max_abs_diff']:10.2e} {r['reference_max_abs']:9.2f} {100 * r['join_fraction_of_single_block']:11.2f}%")  # fmt: skip
+        join = 100 * r["join_fraction_of_single_block"]
+        print(f"{r['dtype']:6} {1e3 * r['diffusers_s']:13.1f} {1e3 * r['ours_s']:9.1f} {r['ratio']:6.3f} "
+              f"{cpu_ratio:>15} {r['max_abs_diff']:10.2e} {r['reference_max_abs']:9.2f} {join:11.2f}%")  # fmt: skip
 
+    on_gpu = args.device.startswith("cuda")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "flux-dit-forward",
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "threads": torch.get_num_threads(),
