@@ -1,0 +1,68 @@
+"""The released Wan checkpoints as key names and shapes, and their fingerprints.
+
+The fingerprints in :mod:`difforge_wan` are constants (the entry module must stay light); this
+module recomputes them from the released configs, built on the meta device and, for the diffusers
+layouts (the ``-Diffusers`` repositories), taken through the inverse converters. The tests assert
+that both agree; run ``python -m difforge_wan.releases`` to print them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from difforge.loading.fingerprint import fingerprint_shapes
+
+from .convert import vae_to_diffusers, vae_unstructure
+from .vae import WAN21_VAE, WAN22_VAE, WanVAE
+
+RELEASES: dict[tuple[str, str], tuple[Callable[[Any], torch.nn.Module], Any]] = {
+    ("wan-vae", "Wan2.1-VAE"): (WanVAE, WAN21_VAE),
+    ("wan-vae", "Wan2.2-VAE"): (WanVAE, WAN22_VAE),
+}
+"""(model, variant) -> (module class, config)."""
+
+LAYOUTS = ("wan", "diffusers")
+
+_TO_DIFFUSERS: dict[str, tuple[Callable[[Mapping[str, Any]], dict[str, Any]], Callable[[str], str | None]]] = {
+    "wan-vae": (vae_unstructure, vae_to_diffusers),
+}
+
+
+def _to_diffusers(model: str, sd: Mapping[str, Any]) -> dict[str, Any]:
+    unstructure, rename = _TO_DIFFUSERS[model]
+    out = {}
+    for key, value in unstructure(sd).items():
+        new = rename(key)
+        if new is None:
+            raise KeyError(f"{model}: no diffusers name for {key!r}")
+        out[new] = value
+    return out
+
+
+def released_shapes(model: str, variant: str, layout: str) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of a released checkpoint (``layout`` ``"wan"`` or ``"diffusers"``), built on meta."""
+    cls, config = RELEASES[(model, variant)]
+    with torch.device("meta"):
+        sd: Mapping[str, Any] = cls(config).state_dict()
+    if layout == "diffusers":
+        sd = _to_diffusers(model, sd)
+    elif layout != "wan":
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def released_fingerprints() -> dict[tuple[str, str, str], str]:
+    """``(model, variant, layout) -> fingerprint`` for every release in every layout."""
+    return {
+        (model, variant, layout): fingerprint_shapes(released_shapes(model, variant, layout))
+        for model, variant in RELEASES
+        for layout in LAYOUTS
+    }
+
+
+if __name__ == "__main__":
+    for (model, variant, layout), fp in released_fingerprints().items():
+        print(f"{model:8} {variant:18} {layout:10} {fp}")  # noqa: T201 - a developer script's output
