@@ -2,7 +2,7 @@
 
 ``difforge plugins [--json]``, ``difforge list KIND``, ``difforge detect FILE...``,
 ``difforge convert IN --to FORMAT -o OUT``, ``difforge generate PIPELINE --prompt ...``,
-``difforge run RECIPE.toml``. Errors are one clear line on stderr (``--debug`` for tracebacks).
+``difforge run RECIPE.toml``, ``difforge new-plugin NAME --kind KIND`` (with difforge-sdk). Errors are one clear line on stderr (``--debug`` for tracebacks).
 """
 
 from __future__ import annotations
@@ -174,6 +174,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+PLUGIN_KINDS = ("model", "cache", "attention", "offload", "scheduler")
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    """Scaffold a plugin package; the templates live in the plugin author's kit, difforge-sdk."""
+    from .errors import ConfigError
+
+    try:
+        from difforge_sdk import scaffold
+    except ImportError:
+        raise ConfigError(
+            "`difforge new-plugin` comes with the plugin author's kit: pip install difforge-sdk "
+            "(in a difforge checkout: pip install -e sdk)"
+        ) from None
+    return scaffold.main(args)
+
+
 def _add_generation_args(p: argparse.ArgumentParser, *, prompt_required: bool) -> None:
     p.add_argument("--prompt", required=prompt_required)
     p.add_argument("--negative-prompt", dest="negative_prompt")
@@ -233,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, prompt_required=False)
     p.add_argument("-o", "--output")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("new-plugin", help="scaffold a plugin package that installs and passes its tests (needs difforge-sdk)")
+    p.add_argument("name", help="plugin name, e.g. my-cache (the distribution becomes difforge-my-cache)")
+    p.add_argument("--kind", required=True, choices=PLUGIN_KINDS)
+    p.add_argument("--dir", default=".", help="where to create the package folder (default: the current one)")
+    p.set_defaults(func=cmd_new_plugin)
     return parser
 
 
