@@ -9,6 +9,7 @@ import torch
 
 from difforge_flux.ae import FLUX1_AE, FluxAE, FluxAEConfig, flux_ae_config_from_json, flux_ae_config_from_shapes
 from difforge_flux.releases import released_shapes
+from difforge_sdk.parity import MODULE_ATOL, assert_close
 
 
 def test_encode_matches_diffusers_mode(ae_pair) -> None:
@@ -40,7 +41,7 @@ def test_decode_matches_diffusers(ae_pair) -> None:
         expected = ae_pair.ref.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample
         got = ae_pair.ours.decode(latents)
     assert got.shape == (2, 3, 32, 48)
-    assert (got - expected).abs().max().item() <= 1e-4
+    assert_close(got, expected, atol=MODULE_ATOL, name="FluxAE.decode vs diffusers AutoencoderKL.decode")
 
 
 def test_released_config_and_meta_build() -> None:
