@@ -3,12 +3,16 @@
 This entry module is light: it imports no torch. Models and converters are named by lazy
 ``"module:attr"`` references. Models (own format ``wan``: Wan-AI's original key names):
 
+- ``wan-dit`` (:mod:`.dit`, :class:`~difforge_wan.dit.WanDiT`): Wan2.1-T2V-1.3B / -14B and
+  Wan2.2-TI2V-5B (``blocks.N.self_attn.q``, ...);
 - ``wan-vae`` (:mod:`.vae`, :class:`~difforge_wan.vae.WanVAE`): the causal video VAEs, Wan 2.1
   (``Wan2.1_VAE.pth``, 16 channels, 8x) and Wan 2.2 (``Wan2.2_VAE.pth``, 48 channels, 16x); the
   Wan 2.1 design also serves Qwen-Image's VAE.
 
-Converters (:mod:`.convert`): the ``-Diffusers`` repositories' ``vae/``. Wan-AI's ``.pth`` files
-load through the core's safe ``torch.load(weights_only=True)``.
+Converters (:mod:`.convert`): the ``-Diffusers`` repositories' ``transformer/`` and ``vae/``.
+Wan-AI's ``.pth`` files load through the core's safe ``torch.load(weights_only=True)``; ComfyUI's
+(``model.diffusion_model.`` + Wan-AI keys) through the core's generic prefix stripping. The text
+encoder and tokenizer (umT5-XXL) come from difforge-text-encoders.
 
 The fingerprints below are recomputed from the released configs by :mod:`.releases` (and checked
 by the tests); the diffusers layouts of a release carry the same variant name as Wan-AI's files.
@@ -18,12 +22,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from difforge import ConverterSpec, ModelSpec, PipelineSpec, hookimpl
+from difforge import BlockGroup, BlockLayout, ConverterSpec, ModelSpec, PipelineSpec, hookimpl
 
 difforge_api = ">=1,<2"
 
+DIT = "difforge_wan.dit"
 VAE = "difforge_wan.vae"
 CONVERT = "difforge_wan.convert"
+
+DIT_FINGERPRINTS = {
+    "30ac5a0bfd934f400f3718cea971a42a": "Wan2.1-T2V-1.3B",  # diffusion_pytorch_model.safetensors (Wan-AI)
+    "a45f186e77818bd5197948f39b6f390b": "Wan2.1-T2V-1.3B",  # transformer/ (-Diffusers)
+    "51cb30520b12d0d0e5bb55f5c56b278f": "Wan2.1-T2V-14B",  # diffusion_pytorch_model-0000N-of-00006 (Wan-AI)
+    "90466b068b65cf4c65fcf11f0ca92aa0": "Wan2.1-T2V-14B",  # transformer/ (-Diffusers)
+    "e6088a353576dee0801188e93ab7bb4a": "Wan2.2-TI2V-5B",  # diffusion_pytorch_model-0000N-of-00003 (Wan-AI)
+    "04153d12a1c9d925629bbf8b6d76e7dc": "Wan2.2-TI2V-5B",  # transformer/ (-Diffusers)
+}
 
 VAE_FINGERPRINTS = {
     "00afa3b97b4c90a04726206c5c9c2291": "Wan2.1-VAE",  # Wan2.1_VAE.pth (Wan-AI)
@@ -32,9 +46,39 @@ VAE_FINGERPRINTS = {
     "1c951839d5760c605847a4ce78469443": "Wan2.2-VAE",  # vae/ of Wan2.2-TI2V-5B-Diffusers
 }
 
+BLOCK_LAYOUT = BlockLayout((BlockGroup("blocks", ("x",)),))
+"""Every block is called ``block(x, context=..., e=..., rope=...)`` and returns ``x``."""
 
 @hookimpl
 def difforge_register_models() -> Iterator[ModelSpec | PipelineSpec]:
+    yield ModelSpec(
+        name="wan-dit",
+        family="wan",
+        role="dit",
+        module=f"{DIT}:WanDiT",
+        config_from_shapes=f"{DIT}:wan_dit_config_from_shapes",
+        config_from_json=f"{DIT}:wan_dit_config_from_json",
+        format="wan",
+        identifying_keys=(
+            "patch_embedding.weight",
+            "text_embedding.0.weight",
+            "time_projection.1.weight",
+            "blocks.*.self_attn.q.weight",
+            "head.head.weight",
+        ),
+        fingerprints=DIT_FINGERPRINTS,
+        layout=BLOCK_LAYOUT,
+        keep_high_precision=(
+            "*norm*", "*modulation", "patch_embedding.*", "text_embedding.*", "time_embedding.*", "time_projection.*",
+            "head.*",
+        ),  # fmt: skip
+        released_configs={
+            "Wan2.1-T2V-1.3B": f"{DIT}:WAN21_T2V_1_3B",
+            "Wan2.1-T2V-14B": f"{DIT}:WAN21_T2V_14B",
+            "Wan2.2-TI2V-5B": f"{DIT}:WAN22_TI2V_5B",
+        },
+        description="Wan DiT: Wan2.1 T2V 1.3B (dim 1536, 30 blocks) / 14B (5120, 40), Wan2.2 TI2V-5B (3072, 30)",
+    )
     yield ModelSpec(
         name="wan-vae",
         family="wan",
@@ -53,6 +97,15 @@ def difforge_register_models() -> Iterator[ModelSpec | PipelineSpec]:
 
 @hookimpl
 def difforge_register_converters() -> Iterator[ConverterSpec]:
+    yield ConverterSpec(
+        name="wan-dit-diffusers",
+        source_format="diffusers",
+        target_model="wan-dit",
+        detect=f"{CONVERT}:is_wan_dit_diffusers",
+        rename=f"{CONVERT}:dit_from_diffusers",
+        inverse_rename=f"{CONVERT}:dit_to_diffusers",
+        description="diffusers WanTransformer3DModel (transformer/) -> Wan-AI layout (a pure rename)",
+    )
     yield ConverterSpec(
         name="wan-vae-diffusers",
         source_format="diffusers",

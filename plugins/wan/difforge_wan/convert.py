@@ -183,3 +183,53 @@ def vae_unstructure(sd: Mapping[str, Any]) -> dict[str, Any]:
             key = f"decoder.up_blocks.{n}.upsamplers.0.{leaf}" if sampler else f"decoder.up_blocks.{n}.resnets.{j}.{leaf}"
         out[key] = value
     return out
+
+
+# ---------------------------------------------------------------- DiT: diffusers <-> Wan-AI
+
+
+def _dit_pairs() -> list[tuple[str, str]]:
+    pairs = [
+        ("patch_embedding.{p}", "patch_embedding.{p}"),
+        ("condition_embedder.time_embedder.linear_1.{p}", "time_embedding.0.{p}"),
+        ("condition_embedder.time_embedder.linear_2.{p}", "time_embedding.2.{p}"),
+        ("condition_embedder.time_proj.{p}", "time_projection.1.{p}"),
+        ("condition_embedder.text_embedder.linear_1.{p}", "text_embedding.0.{p}"),
+        ("condition_embedder.text_embedder.linear_2.{p}", "text_embedding.2.{p}"),
+        ("blocks.{n}.norm2.{p}", "blocks.{n}.norm3.{p}"),  # the cross-attention norm
+        ("blocks.{n}.ffn.net.0.proj.{p}", "blocks.{n}.ffn.0.{p}"),
+        ("blocks.{n}.ffn.net.2.{p}", "blocks.{n}.ffn.2.{p}"),
+        ("blocks.{n}.scale_shift_table", "blocks.{n}.modulation"),
+        ("scale_shift_table", "head.modulation"),
+        ("proj_out.{p}", "head.head.{p}"),
+    ]
+    for ours, wan in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+        pairs += [(f"blocks.{{n}}.{ours}.to_{c}.{{p}}", f"blocks.{{n}}.{wan}.{c}.{{p}}") for c in "qkv"]
+        pairs += [
+            (f"blocks.{{n}}.{ours}.to_out.0.{{p}}", f"blocks.{{n}}.{wan}.o.{{p}}"),
+            (f"blocks.{{n}}.{ours}.norm_q.weight", f"blocks.{{n}}.{wan}.norm_q.weight"),
+            (f"blocks.{{n}}.{ours}.norm_k.weight", f"blocks.{{n}}.{wan}.norm_k.weight"),
+        ]
+    return pairs
+
+
+DIT_KEYS = KeyMap(_dit_pairs())
+
+
+def is_wan_dit_diffusers(keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> bool:
+    """A diffusers ``WanTransformer3DModel`` state dict of a text-to-video or TI2V model: every key known
+    (image-to-video, VACE and Animate variants carry more and are not claimed)."""
+    keyset = set(keys)
+    required = {"condition_embedder.time_embedder.linear_1.weight", "blocks.0.attn1.to_q.weight", "scale_shift_table",
+                "proj_out.weight"}  # fmt: skip
+    return required <= keyset and all(DIT_KEYS.forward(k) is not None for k in keyset)
+
+
+def dit_from_diffusers(key: str) -> str | None:
+    """Rename one diffusers ``WanTransformer3DModel`` key to Wan-AI's layout."""
+    return DIT_KEYS.forward(key)
+
+
+def dit_to_diffusers(key: str) -> str | None:
+    """Rename one Wan-AI key to diffusers' layout."""
+    return DIT_KEYS.inverse(key)

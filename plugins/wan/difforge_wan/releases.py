@@ -15,10 +15,14 @@ import torch
 
 from difforge.loading.fingerprint import fingerprint_shapes
 
-from .convert import vae_to_diffusers, vae_unstructure
+from .convert import dit_to_diffusers, vae_to_diffusers, vae_unstructure
+from .dit import WAN21_T2V_1_3B, WAN21_T2V_14B, WAN22_TI2V_5B, WanDiT
 from .vae import WAN21_VAE, WAN22_VAE, WanVAE
 
 RELEASES: dict[tuple[str, str], tuple[Callable[[Any], torch.nn.Module], Any]] = {
+    ("wan-dit", "Wan2.1-T2V-1.3B"): (WanDiT, WAN21_T2V_1_3B),
+    ("wan-dit", "Wan2.1-T2V-14B"): (WanDiT, WAN21_T2V_14B),
+    ("wan-dit", "Wan2.2-TI2V-5B"): (WanDiT, WAN22_TI2V_5B),
     ("wan-vae", "Wan2.1-VAE"): (WanVAE, WAN21_VAE),
     ("wan-vae", "Wan2.2-VAE"): (WanVAE, WAN22_VAE),
 }
@@ -27,6 +31,7 @@ RELEASES: dict[tuple[str, str], tuple[Callable[[Any], torch.nn.Module], Any]] = 
 LAYOUTS = ("wan", "diffusers")
 
 _TO_DIFFUSERS: dict[str, tuple[Callable[[Mapping[str, Any]], dict[str, Any]], Callable[[str], str | None]]] = {
+    "wan-dit": (dict, dit_to_diffusers),
     "wan-vae": (vae_unstructure, vae_to_diffusers),
 }
 
@@ -65,4 +70,4 @@ def released_fingerprints() -> dict[tuple[str, str, str], str]:
 
 if __name__ == "__main__":
     for (model, variant, layout), fp in released_fingerprints().items():
-        print(f"{model:8} {variant:18} {layout:10} {fp}")  # noqa: T201 - a developer script's output
+        print(f"{model:8} {variant:16} {layout:10} {fp}")  # noqa: T201 - a developer script's output
