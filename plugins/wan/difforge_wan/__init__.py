@@ -14,6 +14,8 @@ Wan-AI's ``.pth`` files load through the core's safe ``torch.load(weights_only=T
 (``model.diffusion_model.`` + Wan-AI keys) through the core's generic prefix stripping. The text
 encoder and tokenizer (umT5-XXL) come from difforge-text-encoders.
 
+Pipeline ``wan`` (:mod:`.pipeline`): text-to-video, video-to-video, image-to-video (TI2V-5B).
+
 The fingerprints below are recomputed from the released configs by :mod:`.releases` (and checked
 by the tests); the diffusers layouts of a release carry the same variant name as Wan-AI's files.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from difforge import BlockGroup, BlockLayout, ConverterSpec, ModelSpec, PipelineSpec, hookimpl
+from difforge import BlockGroup, BlockLayout, ConverterSpec, ModelSpec, PipelineSpec, SlotSpec, SourceSpec, hookimpl
 
 difforge_api = ">=1,<2"
 
@@ -48,6 +50,31 @@ VAE_FINGERPRINTS = {
 
 BLOCK_LAYOUT = BlockLayout((BlockGroup("blocks", ("x",)),))
 """Every block is called ``block(x, context=..., e=..., rope=...)`` and returns ``x``."""
+
+# as each release's scheduler/scheduler_config.json says (UniPC, flow prediction, static shift)
+VARIANT_SCHEDULERS = {
+    "Wan2.1-T2V-1.3B": {"name": "flow-unipc", "shift": 3.0},
+    "Wan2.1-T2V-14B": {"name": "flow-unipc", "shift": 3.0},
+    "Wan2.2-TI2V-5B": {"name": "flow-unipc", "shift": 5.0},
+}
+
+
+def _sources(repo: str, dit: str, vae: str) -> tuple[SourceSpec, ...]:
+    """The files of a Wan-AI release repository (same layout on ModelScope and HuggingFace)."""
+    return (
+        SourceSpec("dit", repo, dit),
+        SourceSpec("vae", repo, vae),
+        SourceSpec("text_encoder", repo, "models_t5_umt5-xxl-enc-bf16.pth"),
+        SourceSpec("tokenizer", repo, "google/umt5-xxl/"),
+    )
+
+
+SOURCES = {
+    "Wan2.1-T2V-1.3B": _sources("Wan-AI/Wan2.1-T2V-1.3B", "diffusion_pytorch_model*.safetensors", "Wan2.1_VAE.pth"),
+    "Wan2.1-T2V-14B": _sources("Wan-AI/Wan2.1-T2V-14B", "diffusion_pytorch_model*.safetensors", "Wan2.1_VAE.pth"),
+    "Wan2.2-TI2V-5B": _sources("Wan-AI/Wan2.2-TI2V-5B", "diffusion_pytorch_model*.safetensors", "Wan2.2_VAE.pth"),
+}
+
 
 @hookimpl
 def difforge_register_models() -> Iterator[ModelSpec | PipelineSpec]:
@@ -92,6 +119,22 @@ def difforge_register_models() -> Iterator[ModelSpec | PipelineSpec]:
         keep_high_precision=("*.gamma",),
         released_configs={"Wan2.1-VAE": f"{VAE}:WAN21_VAE", "Wan2.2-VAE": f"{VAE}:WAN22_VAE"},
         description="Wan causal video VAE: 2.1 (16 channels, 8x, 4x in time), 2.2 (48 channels, 16x)",
+    )
+    yield PipelineSpec(
+        name="wan",
+        family="wan",
+        slots=(
+            SlotSpec("dit", ("wan-dit",), diffusers_subfolder="transformer"),
+            SlotSpec("vae", ("wan-vae",), diffusers_subfolder="vae"),
+            SlotSpec("text_encoder", ("umt5-encoder",), diffusers_subfolder="text_encoder"),
+            SlotSpec("tokenizer", ("t5-tokenizer",), kind="tokenizer", diffusers_subfolder="tokenizer"),
+        ),
+        pipeline="difforge_wan.pipeline:WanPipeline",
+        default_scheduler=VARIANT_SCHEDULERS["Wan2.1-T2V-1.3B"],
+        variant_schedulers=VARIANT_SCHEDULERS,
+        sources=SOURCES,
+        component_order=("text_encoder", "dit", "vae"),
+        description="Wan text-to-video, video-to-video and (Wan2.2-TI2V-5B) image-to-video",
     )
 
 

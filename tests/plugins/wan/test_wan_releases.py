@@ -77,6 +77,10 @@ def test_registered(wan_registry) -> None:
     dit, vae = wan_registry.models.get("wan-dit"), wan_registry.models.get("wan-vae")
     assert (dit.family, dit.role, dit.format) == ("wan", "dit", "wan")
     assert (vae.family, vae.role, vae.format) == ("wan", "vae", "wan")
+    pipe = wan_registry.pipelines.get("wan")
+    assert [s.name for s in pipe.slots] == ["dit", "vae", "text_encoder", "tokenizer"]
+    assert set(pipe.sources) == set(pipe.variant_schedulers) == {v for v, _, _ in DIT_RELEASES}
+    assert pipe.variant_schedulers["Wan2.2-TI2V-5B"] == {"name": "flow-unipc", "shift": 5.0}
 
 
 def test_entry_module_is_light() -> None:
