@@ -33,6 +33,7 @@ _LAZY = {
     "ModelConformance": "difforge_sdk.testing.conformance",
     "conformance_registry": "difforge_sdk.testing.conformance",
     "hold_in_pipeline": "difforge_sdk.testing.conformance",
+    "assert_light_entry_module": "difforge_sdk.testing.conformance",
     "AttentionConformance": "difforge_sdk.testing.kinds",
     "CacheConformance": "difforge_sdk.testing.kinds",
     "OffloadConformance": "difforge_sdk.testing.kinds",
@@ -59,5 +60,5 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .conformance import ModelConformance, conformance_registry, hold_in_pipeline
+    from .conformance import ModelConformance, assert_light_entry_module, conformance_registry, hold_in_pipeline
     from .kinds import AttentionConformance, CacheConformance, OffloadConformance, SchedulerConformance

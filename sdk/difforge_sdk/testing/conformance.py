@@ -15,6 +15,7 @@ Every check runs against the registry of the installed plugins (plus ``plugins``
 register that are not installed through an entry point), with a recording attention backend beside
 them. The checks, one test each (parametrised by format and backend name):
 
+- the plugin's entry module imports nothing heavy (checked in a fresh interpreter);
 - the ModelSpec builds at the tiny config on the meta device, with no non-persistent buffers (models
   are built on meta and loaded with ``assign=True``), and on the CPU, with the same keys;
 - ``config_from_shapes`` recovers the tiny config from the tiny state dict's shapes; the
@@ -41,7 +42,10 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -63,7 +67,7 @@ from . import _probe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelConformance", "conformance_registry", "hold_in_pipeline"]
+__all__ = ["ModelConformance", "assert_light_entry_module", "conformance_registry", "hold_in_pipeline"]
 
 MARK = "difforge_conformance"
 _FIXTURE_PARAMS = ("checkpoint_format", "attention_backend", "offload_backend", "cache_strategy")
@@ -81,6 +85,20 @@ def conformance_registry(plugins: Sequence[Any] = ()) -> Iterator[Any]:
         yield host.registry
     finally:
         difforge.reload_plugins()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block (restored after); None changes nothing."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=32)
@@ -164,6 +182,37 @@ def _or_fail(make: Any, what: str) -> Any:
     except DifforgeError as exc:
         message = f"{what}: {exc}"
     pytest.fail(message, pytrace=False)
+
+
+HEAVY_MODULES = frozenset({"torch", "triton", "transformers", "diffusers"})
+
+
+@functools.lru_cache(maxsize=None)
+def _heavy_imports(module: str) -> tuple[str, ...]:
+    """The heavy top-level packages importing ``module`` pulls in (in a fresh interpreter)."""
+    code = f"import sys, {module}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY_MODULES)!r})))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise AssertionError(f"importing the entry module {module} failed: {done.stderr.strip()[-2000:]}")
+    return tuple(done.stdout.split())
+
+
+def assert_light_entry_module(table: Any, name: str) -> None:
+    """The entry module of the plugin that registered ``name`` in ``table`` imports nothing heavy
+    (skips for difforge's built-in plugin and for plugins that are objects, not modules)."""
+    entry = table.provider(name)
+    record = difforge.get_plugin_host().records.get(normalize_name(entry.plugin))
+    module = getattr(record, "module", None)
+    if record is not None and record.source == "builtin":
+        pytest.skip(f"{name} is built into difforge")
+    if not module or not re.fullmatch(r"[A-Za-z_][\w.]*", module):
+        pytest.skip(f"{name} is registered by a plugin object, not an importable module")
+    heavy = _heavy_imports(module)
+    assert not heavy, (
+        f"importing {module} (the entry module of plugin {entry.plugin!r}, which registers {name}) imports {', '.join(heavy)}. "
+        "Discovery imports every entry module: name torch modules and kernels by lazy 'package.module:attribute' strings."
+    )
 
 
 def _few(items: Sequence[str], n: int = 6) -> str:
@@ -307,6 +356,8 @@ class ModelConformance:
     """Relative L2 error of the output allowed under a dtype offload backend. fp8 (e4m3) rounds every
     weight with about 3.6% RMS relative error, which a few layers of a tiny random model compound to
     5-10%; a broken cast is off by 100%. Deep or gated models may state a larger one."""
+    threads: ClassVar[int | None] = 1
+    """torch intra-op threads during the suite: tiny models only lose by more (None: leave as is)."""
     skip_checks: ClassVar[Mapping[str, str]] = {}
     """``{"attention:triton": "reason", "offload:disk": ..., "cache:deepcache": ..., "format:comfyui": ...}``"""
 
@@ -336,7 +387,7 @@ class ModelConformance:
     @pytest.fixture(scope="class", autouse=True)
     @classmethod
     def _difforge_conformance_registry(cls) -> Iterator[Any]:
-        with conformance_registry(cls.plugins) as registry:
+        with conformance_registry(cls.plugins), torch_threads(cls.threads):
             yield difforge.get_plugin_host()
 
     @pytest.fixture(autouse=True)
@@ -405,6 +456,9 @@ class ModelConformance:
             f"{spec.name}: config_from_shapes recovered {_config_diff(inferred, config)}. Infer these fields from the "
             "shapes, or, if they cannot be read from weights, keep their defaults in the tiny config."
         )
+
+    def test_entry_module_is_light(self, subject: Subject) -> None:
+        assert_light_entry_module(difforge.get_registry().models, subject.spec.name)
 
     def test_identifying_keys(self, subject: Subject) -> None:
         spec = subject.spec

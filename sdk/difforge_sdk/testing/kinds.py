@@ -33,7 +33,7 @@ from difforge.runtime.options import merge_options
 from difforge.schedulers import Scheduler, build_scheduler
 
 from .. import parity, tiny
-from .conformance import MARK, _first_difference, _rel_l2, conformance_registry
+from .conformance import MARK, _first_difference, _rel_l2, assert_light_entry_module, conformance_registry, torch_threads
 
 __all__ = ["AttentionConformance", "CacheConformance", "OffloadConformance", "SchedulerConformance"]
 
@@ -45,11 +45,13 @@ class _ToySuite:
 
     pytestmark = [getattr(pytest.mark, MARK)]
     plugins: ClassVar[Sequence[Any]] = ()
+    threads: ClassVar[int | None] = 1
+    """torch intra-op threads during the suite (None: leave as is)."""
 
     @pytest.fixture(scope="class", autouse=True)
     @classmethod
     def _difforge_kind_registry(cls) -> Iterator[Any]:
-        with conformance_registry([difforge_sdk.toy, *cls.plugins]):
+        with conformance_registry([difforge_sdk.toy, *cls.plugins]), torch_threads(cls.threads):
             yield difforge.get_plugin_host()
 
     @pytest.fixture(autouse=True)
@@ -114,6 +116,9 @@ class AttentionConformance(_ToySuite):
     """max abs diff allowed per dtype (unit-variance inputs)."""
     device: ClassVar[str] = "cpu"
 
+    def test_entry_module_is_light(self) -> None:
+        assert_light_entry_module(difforge.get_registry().attention, self.backend)
+
     def test_registered(self) -> None:
         spec = difforge.get_registry().attention.get(self.backend)
         assert isinstance(spec.priority, int), f"attention backend {self.backend!r}: priority must be an int, got {spec.priority!r}"
@@ -176,6 +181,9 @@ class CacheConformance(_ToySuite):
     options: ClassVar[Mapping[str, Any]] = {}
     steps: ClassVar[int] = 4
 
+    def test_entry_module_is_light(self) -> None:
+        assert_light_entry_module(difforge.get_registry().caches, self.cache)
+
     def _exact(self) -> dict[str, Any]:
         spec = difforge.get_registry().caches.get(self.cache)
         exact = dict(self.exact_options) if self.exact_options is not None else exact_cache_options(spec)
@@ -237,6 +245,9 @@ class OffloadConformance(_ToySuite):
     options: ClassVar[Mapping[str, Any]] = {}
     tolerance: ClassVar[float] = 0.05
 
+    def test_entry_module_is_light(self) -> None:
+        assert_light_entry_module(difforge.get_registry().offload, self.offload)
+
     def _run(self, files: list[Path], offload: Any) -> tuple[torch.Tensor, difforge.Pipeline]:
         pipe = self.pipeline(files, offload=offload)
         return pipe(**CALL), pipe
@@ -284,6 +295,9 @@ class SchedulerConformance(_ToySuite):
     scheduler: ClassVar[str]
     options: ClassVar[Mapping[str, Any]] = {}
     family: ClassVar[str] = "toy"
+
+    def test_entry_module_is_light(self) -> None:
+        assert_light_entry_module(difforge.get_registry().schedulers, self.scheduler)
 
     def build(self) -> Any:
         return build_scheduler({"name": self.scheduler, **self.options}, family=self.family)
