@@ -65,6 +65,21 @@ class WanPipeline(Pipeline):
 
     call_arguments = frozenset({"input_video"})
 
+    def set_scheduler(self, scheduler: Any = None, *, _folder: Mapping[str, Any] | None = None) -> None:
+        """As the runtime's, but ``flow-euler`` gets Wan's defaults unless given: diffusers' step spacing
+        (``spacing="sd3"``, what ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)`` makes for
+        ``WanPipeline``) and the detected release's shift."""
+        from difforge.plugins import get_registry
+        from difforge.runtime.options import parse_choice
+
+        choice = parse_choice(scheduler, "scheduler") or parse_choice(_folder, "scheduler")
+        if choice is not None and get_registry().schedulers.get(choice.name).name == "flow-euler":
+            shift = dict(self.spec.variant_schedulers.get(self.variant or "", {})).get("shift")
+            wan = {"spacing": "sd3", "shift": shift or (5.0 if self.image_to_video else 3.0)}
+            super().set_scheduler({"name": choice.name, **wan, **choice.options})
+            return
+        super().set_scheduler(scheduler, _folder=_folder)
+
     @property
     def image_to_video(self) -> bool:
         """Whether the model takes a first-frame condition (the TI2V design: the Wan 2.2 VAE)."""

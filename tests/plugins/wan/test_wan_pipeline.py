@@ -109,6 +109,27 @@ def test_text_to_video_matches_diffusers(tiny):
     assert np.abs(ours - expected).max() < 1e-3
 
 
+def test_flow_euler_matches_diffusers(tiny):
+    """``scheduler="flow-euler"`` gets Wan's step spacing, as diffusers' FlowMatchEulerDiscreteScheduler makes it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    folder, version = tiny
+    if version == "2.2":
+        pytest.skip("one design is enough for the scheduler")
+    size, noise = SIZE[version], _noise(version, seed=4)
+    ref = _load("WanPipeline", folder)
+    ref.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    expected = ref(PROMPT, height=size, width=size, num_frames=FRAMES, num_inference_steps=4, guidance_scale=1.0,
+                   latents=noise.clone(), output_type="np").frames  # fmt: skip
+    pipe = Pipeline.from_pretrained("wan", str(folder), device="cpu", scheduler="flow-euler")
+    assert (pipe.scheduler.spacing, pipe.scheduler.shift) == ("sd3", 3.0)
+    ours = pipe(PROMPT, height=size, width=size, num_frames=FRAMES, num_inference_steps=4, cfg_scale=1.0,
+                latents=noise, output_type="np", **QUIET)  # fmt: skip
+    assert np.abs(ours - expected).max() < 1e-3
+    pipe.set_scheduler({"name": "flow-euler", "shift": 7.0})
+    assert (pipe.scheduler.spacing, pipe.scheduler.shift) == ("sd3", 7.0)
+
+
 def test_video_to_video_matches_diffusers(tiny, monkeypatch):
     import diffusers.pipelines.wan.pipeline_wan_video2video as v2v
 
@@ -220,3 +241,20 @@ def test_pil_frames_and_argument_checks(tiny):
     with pytest.raises(difforge.ConfigError, match="not both"):
         pipe(PROMPT, input_video=_frames(size, 5, 0), input_image=_frames(size, 1, 0)[0], height=size, width=size, **QUIET)
     assert pipe.defaults["cfg_scale"] == 5.0
+
+
+def test_block_cache_plugin_works_on_wan(tiny):
+    """The DiT's block layout is enough for difforge-cache: exact at threshold 0, fewer blocks above it."""
+    pytest.importorskip("difforge_cache")
+    folder, version = tiny
+    size = SIZE[version]
+    call = dict(height=size, width=size, num_frames=5, num_inference_steps=4, latents=_noise(version, 5, frames=5),
+                cfg_scale=3.0, output_type="np", **QUIET)  # fmt: skip
+    pipe = Pipeline.from_pretrained("wan", str(folder), device="cpu")
+    plain = pipe(PROMPT, **call)
+    pipe.set_cache({"name": "fbcache", "threshold": 0.0})
+    assert np.abs(pipe(PROMPT, **call) - plain).max() < 1e-6
+    pipe.set_cache({"name": "fbcache", "threshold": 10.0})
+    pipe(PROMPT, **call)
+    dit_stats = max(pipe.cache_stats(), key=lambda s: s["steps"])  # the DiT (the umT5 encoder has a layout too)
+    assert dit_stats["steps"] == 8 and dit_stats["steps_cached"] > 0
