@@ -7,6 +7,12 @@ references:
   ``transformer/`` layout, 9 shards); ComfyUI's repackaged single files are the same keys behind
   ``model.diffusion_model.``, which the core strips.
 
+The VAE is difforge-wan's ``wan-vae`` (:class:`difforge_wan.vae.WanVAE`): Qwen-Image's VAE is the
+Wan 2.1 causal-3D VAE used on single frames, with the same keys, shapes and per-channel latent
+statistics, so its ``vae/`` (diffusers ``AutoencoderKLQwenImage``, through the ``wan-vae-diffusers``
+converter) and ComfyUI's ``qwen_image_vae.safetensors`` (Wan-AI layout) are detected as ``wan-vae``,
+variant ``Wan2.1-VAE`` (:data:`VAE_FINGERPRINT`); no header can tell the two sets of weights apart,
+which is why no second VAE model (that would make every such file ambiguous) is registered here.
 The text encoder (``qwen2.5-vl-text``) and tokenizer (``qwen2-tokenizer``) come from
 difforge-text-encoders. The fingerprints below are recomputed from the released configs by
 :mod:`.releases` (and checked by the tests).
@@ -25,6 +31,9 @@ DIT = "difforge_qwen_image.dit"
 DIT_FINGERPRINTS = {
     "412483348226e61c4081c07f33b20ad3": "Qwen-Image",  # transformer/ (9 shards); ComfyUI qwen_image_*.safetensors
 }
+
+VAE_FINGERPRINT = "b2b7c70320ae6614f5057e553dd55ed2"
+"""Qwen-Image's ``vae/diffusion_pytorch_model.safetensors``: difforge-wan's ``Wan2.1-VAE`` in diffusers' layout."""
 
 BLOCK_LAYOUT = BlockLayout((BlockGroup("transformer_blocks", ("img", "txt")),))
 """Every block is called ``block(img, txt, temb=..., rope=..., mask=...)`` and returns ``(img, txt)``."""
@@ -81,7 +90,7 @@ def difforge_register_models() -> Iterator[ModelSpec | PipelineSpec]:
         family="qwen-image",
         slots=(
             SlotSpec("dit", ("qwen-image-dit",), diffusers_subfolder="transformer"),
-            SlotSpec("vae", ("qwen-image-vae",), diffusers_subfolder="vae"),
+            SlotSpec("vae", ("wan-vae",), diffusers_subfolder="vae"),
             SlotSpec("text_encoder", ("qwen2.5-vl-text",), diffusers_subfolder="text_encoder"),
             SlotSpec("tokenizer", ("qwen2-tokenizer",), kind="tokenizer", diffusers_subfolder="tokenizer"),
         ),

@@ -240,8 +240,10 @@ class QwenImageBlock(nn.Module):
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: Rope, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(temb)[:, None].chunk(6, dim=-1)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
+        img_mod = self.img_mod(temb)[:, None].chunk(6, dim=-1)
+        txt_mod = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
 
         img_out, txt_out = self.attn(
             modulate(img, img_shift1, img_scale1), modulate(txt, txt_shift1, txt_scale1), rope, mask
@@ -323,7 +325,9 @@ class QwenImageDiT(nn.Module):
         if txt_mask is not None:
             txt_mask = txt_mask.to(device=img.device, dtype=torch.bool)
             if txt_mask.shape != txt.shape[:2]:
-                raise ConfigError(f"QwenImageDiT: txt_mask {tuple(txt_mask.shape)} does not match txt {tuple(txt.shape)}")
+                raise ConfigError(
+                    f"QwenImageDiT: txt_mask {tuple(txt_mask.shape)} does not match txt {tuple(txt.shape)}"
+                )
             if not bool(txt_mask.all()):
                 keys = torch.cat((txt_mask, txt_mask.new_ones(img.shape[0], img.shape[1])), dim=1)
                 mask = keys[:, None, None, :]
@@ -382,7 +386,9 @@ def qwen_image_dit_config_from_shapes(shapes: Shapes) -> QwenImageDiTConfig | No
     )
 
 
-def qwen_image_dit_config_from_json(config: Mapping[str, Any], shapes: Shapes | None = None) -> QwenImageDiTConfig | None:
+def qwen_image_dit_config_from_json(
+    config: Mapping[str, Any], shapes: Shapes | None = None
+) -> QwenImageDiTConfig | None:
     """The config of a diffusers ``QwenImageTransformer2DModel`` folder (``transformer/config.json``).
 
     Variants whose forward differs without a change of weights (``zero_cond_t``: Qwen-Image-Edit-2511;
@@ -390,11 +396,13 @@ def qwen_image_dit_config_from_json(config: Mapping[str, Any], shapes: Shapes | 
     """
     if config.get("_class_name") != "QwenImageTransformer2DModel":
         return None
-    unsupported = [k for k in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope", "guidance_embeds") if config.get(k)]
+    flags = ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
+    unsupported = [k for k in flags if config.get(k)]
     if unsupported:
         raise ConfigError(
             f"QwenImageTransformer2DModel with {', '.join(f'{k}=true' for k in unsupported)} (Qwen-Image-Edit-2511 / "
-            "Layered-style variants) is not supported by difforge-qwen-image yet; use the Qwen-Image text-to-image release"
+            "Layered-style variants) is not supported by difforge-qwen-image yet; use the Qwen-Image text-to-image "
+            "release"
         )
     if config.get("patch_size", 2) != 2:
         return None

@@ -49,64 +49,16 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
 
 
-def _ramp(n: int, before: int, after: int, device: torch.device) -> torch.Tensor:
-    """Weights over ``n`` pixels rising over the first ``before`` and falling over the last ``after``."""
-    r = torch.ones(n, device=device)
-    for width, flip in ((before, False), (after, True)):
-        if width > 0:
-            edge = torch.arange(1, width + 1, device=device, dtype=torch.float32) / (width + 1)
-            if flip:
-                r[-width:] = torch.minimum(r[-width:], edge.flip(0))
-            else:
-                r[:width] = torch.minimum(r[:width], edge)
-    return r
-
-
-def tile_starts(n: int, size: int, stride: int) -> list[int]:
-    """Tile origins covering ``0 .. n`` with tiles of ``size`` every ``stride`` (the last flush with the end)."""
-    if n <= size:
-        return [0]
-    starts = list(range(0, n - size, stride))
-    return starts + [n - size]
-
-
-def tiled_decode(decode: Any, latents: torch.Tensor, tile_size: int, tile_stride: int, scale: int = 8) -> torch.Tensor:
-    """Decode ``latents`` in overlapping ``tile_size`` tiles (latent pixels) every ``tile_stride``,
-    blended linearly where they overlap: memory grows with the tile, not the image."""
-    if not 0 < tile_stride <= tile_size:
-        raise ConfigError(f"tile_stride must be in (0, tile_size]; got tile_size {tile_size}, tile_stride {tile_stride}")
-    b, _, h, w = latents.shape
-    if h <= tile_size and w <= tile_size:
-        return decode(latents)
-    out = weight = None
-    ys, xs = tile_starts(h, tile_size, tile_stride), tile_starts(w, tile_size, tile_stride)
-    for i, y in enumerate(ys):
-        for j, x in enumerate(xs):
-            tile = decode(latents[:, :, y : y + tile_size, x : x + tile_size]).float()
-            th, tw = tile.shape[-2:]
-            # blend only towards neighbours, over the part both tiles cover
-            top = (ys[i - 1] + tile_size - y) * scale if i else 0
-            bottom = (y + tile_size - ys[i + 1]) * scale if i + 1 < len(ys) else 0
-            left = (xs[j - 1] + tile_size - x) * scale if j else 0
-            right = (x + tile_size - xs[j + 1]) * scale if j + 1 < len(xs) else 0
-            mask = _ramp(th, top, bottom, tile.device)[:, None] * _ramp(tw, left, right, tile.device)[None, :]
-            if out is None:
-                out = torch.zeros(b, tile.shape[1], h * scale, w * scale, device=tile.device)
-                weight = torch.zeros(1, 1, h * scale, w * scale, device=tile.device)
-            out[:, :, y * scale : y * scale + th, x * scale : x * scale + tw] += tile * mask
-            weight[:, :, y * scale : y * scale + th, x * scale : x * scale + tw] += mask
-    return (out / weight).to(latents.dtype)
-
-
 class QwenImagePipeline(Pipeline):
     """Qwen-Image text-to-image and image-to-image.
 
     Call arguments beyond the runtime's (DiffSynth's names): ``negative_prompt`` (default ``" "``),
     ``cfg_scale`` (true CFG, default 4.0; 1.0 turns it off), ``max_sequence_length`` (prompt tokens
     after the template, 512, at most 1024), ``tiled`` / ``tile_size`` / ``tile_stride`` (VAE
-    decoding in latent tiles: 128 / 64 latent pixels). Height and width are multiples of 16;
-    Qwen-Image was trained at the :data:`RECOMMENDED_SIZES` (1328x1328, 1664x928, 928x1664,
-    1472x1104, 1104x1472).
+    decoding in overlapping tiles of ``tile_size`` latent pixels every ``tile_stride``, 128 / 64 as
+    DiffSynth, by ``WanVAE.tiled_decode``; ``input_image`` is encoded whole). Height and width are
+    multiples of 16; Qwen-Image was trained at the :data:`RECOMMENDED_SIZES` (1328x1328, 1664x928,
+    928x1664, 1472x1104, 1104x1472).
     """
 
     spatial_multiple = 16
@@ -131,7 +83,9 @@ class QwenImagePipeline(Pipeline):
 
     # -- the family's part
 
-    def encode_prompt(self, prompt: Sequence[str], max_sequence_length: int = 512, **kw: Any) -> dict[str, torch.Tensor]:
+    def encode_prompt(
+        self, prompt: Sequence[str], max_sequence_length: int = 512, **kw: Any
+    ) -> dict[str, torch.Tensor]:
         from difforge_text_encoders.prompts import masked_embeddings
 
         texts = [PROMPT_TEMPLATE.format(p) for p in prompt]
@@ -154,7 +108,9 @@ class QwenImagePipeline(Pipeline):
     def image_seq_len(self, shape: Sequence[int]) -> int:
         return (shape[-2] // 2) * (shape[-1] // 2)
 
-    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor], **kw: Any) -> torch.Tensor:
+    def predict(
+        self, latents: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor], **kw: Any
+    ) -> torch.Tensor:
         b, _, h, w = latents.shape
         txt, mask = cond["txt"], cond.get("txt_mask")
         if txt.shape[0] != b:
@@ -198,5 +154,5 @@ class QwenImagePipeline(Pipeline):
         self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 128, tile_stride: int = 64, **kw: Any
     ) -> torch.Tensor:
         if tiled:
-            return tiled_decode(self.vae.decode, latents, int(tile_size), int(tile_stride), 8)
+            return self.vae.tiled_decode(latents, tile_size=int(tile_size), tile_stride=int(tile_stride))
         return self.vae.decode(latents)

@@ -16,6 +16,7 @@ import torch
 import difforge
 import difforge_qwen_image
 import difforge_text_encoders
+import difforge_wan
 from difforge.plugins import PluginSettings
 from difforge_qwen_image.dit import QwenImageDiT, qwen_image_dit_config_from_shapes
 
@@ -35,8 +36,10 @@ TINY_DIT = dict(
 
 @pytest.fixture(autouse=True)
 def qwen_registry() -> Any:
-    """The built-in plugin, difforge-text-encoders and difforge-qwen-image alone (restored afterwards)."""
-    host = difforge.reload_plugins(PluginSettings(autoload=False), plugins=[difforge_text_encoders, difforge_qwen_image])
+    """The built-in plugin and difforge-qwen-image with its dependencies (difforge-text-encoders, difforge-wan)
+    alone in the registry (restored afterwards)."""
+    plugins = [difforge_text_encoders, difforge_wan, difforge_qwen_image]
+    host = difforge.reload_plugins(PluginSettings(autoload=False), plugins=plugins)
     yield host.registry
     difforge.reload_plugins()
 

@@ -39,7 +39,12 @@ def test_registered(qwen_registry) -> None:
     assert (dit.family, dit.role, dit.format) == ("qwen-image", "dit", "diffusers")
     assert dit.infer_config(released_shapes("qwen-image-dit", "Qwen-Image")) == QWEN_IMAGE
     pipe = qwen_registry.pipelines.get("qwen-image")
-    assert [s.name for s in pipe.slots] == ["dit", "vae", "text_encoder", "tokenizer"]
+    assert {s.name: s.models for s in pipe.slots} == {
+        "dit": ("qwen-image-dit",), "vae": ("wan-vae",), "text_encoder": ("qwen2.5-vl-text",), "tokenizer": ("qwen2-tokenizer",),
+    }  # fmt: skip
+    for slot in pipe.slots:
+        for model in slot.models:
+            qwen_registry.models.get(model)  # every slot's model is registered (by this plugin or its dependencies)
     assert pipe.default_scheduler["shift_terminal"] == 0.02 and pipe.default_scheduler["max_image_seq_len"] == 8192
 
 

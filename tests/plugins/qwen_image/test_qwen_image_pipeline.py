@@ -1,0 +1,199 @@
+"""The whole Qwen-Image pipeline against diffusers' QwenImagePipeline / QwenImageImg2ImgPipeline on tiny weights.
+
+A tiny diffusers pipeline (random transformer, Wan-style VAE, Qwen2.5-VL text model, a locally trained
+Qwen2 tokenizer, Qwen-Image's scheduler config) is saved with ``save_pretrained``; difforge assembles
+the same weights from that folder (the VAE through difforge-wan), and both sides denoise the same
+initial noise with true CFG on: ``output_type="np"`` agrees to 1e-3.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import difforge
+from difforge import ModelConfig, Pipeline
+from difforge_sdk.tiny_tokenizers import write_qwen2_tokenizer
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+QUIET = {"progress_bar_cmd": lambda x: x}
+PROMPT = "a cat holding a sign that says hello world"
+NEGATIVE = "blurry, low quality"
+SIZE = 64  # pixels; latent 8x8, 16 packed tokens
+Z = 4  # latent channels of the tiny VAE
+
+
+def _randomize(module: torch.nn.Module, std: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("gamma"):  # the VAE's RMS norm scales: around 1
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (std if p.dim() > 1 else 0.1))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    folder = tmp_path_factory.mktemp("qwen-image")
+    tok = transformers.AutoTokenizer.from_pretrained(write_qwen2_tokenizer(folder / "_tok"))
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * Z, out_channels=Z, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=128, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=Z, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        latents_mean=[-0.3, 0.1, 0.4, -0.2], latents_std=[1.5, 0.8, 2.0, 1.2],
+    )  # fmt: skip
+    text_encoder = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=1, num_key_value_heads=1, bos_token_id=None,
+                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>")),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=128),
+    ))  # fmt: skip
+    _randomize(transformer, 0.3, 0)
+    _randomize(vae, 0.15, 1)
+    _randomize(text_encoder, 0.05, 2)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0, shift_terminal=0.02,
+        time_shift_type="exponential", use_dynamic_shifting=True,
+    )  # fmt: skip
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(folder / "diffusers")
+    return folder / "diffusers"
+
+
+def _noise(seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, Z, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference(folder: Path, noise: torch.Tensor, steps: int, **kw) -> np.ndarray:
+    from diffusers import QwenImagePipeline
+
+    from difforge_qwen_image.pipeline import pack_latents
+
+    ref = QwenImagePipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    return ref(PROMPT, height=SIZE, width=SIZE, num_inference_steps=steps, latents=pack_latents(noise),
+               output_type="np", **kw).images  # fmt: skip
+
+
+def test_pipeline_assembles_from_the_diffusers_folder(tiny) -> None:
+    pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
+    models = {slot: det.model for slot, det in pipe.detections.items() if slot != "tokenizer"}
+    assert models == {"dit": "qwen-image-dit", "vae": "wan-vae", "text_encoder": "qwen2.5-vl-text"}
+    assert type(pipe.tokenizer).__name__ == "Qwen2Tokenizer"
+    assert pipe.vae.config.latents_mean == pytest.approx((-0.3, 0.1, 0.4, -0.2))  # from vae/config.json
+    choice = pipe.scheduler_choice
+    assert (choice.name, choice.options["shift_terminal"], choice.options["max_image_seq_len"]) == ("flow-euler", 0.02, 8192)
+
+
+def test_text_to_image_with_true_cfg_matches_diffusers(tiny) -> None:
+    noise = _noise()
+    expected = _reference(tiny, noise, 4, negative_prompt=NEGATIVE, true_cfg_scale=4.0)
+    pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
+    ours = pipe(PROMPT, negative_prompt=NEGATIVE, cfg_scale=4.0, height=SIZE, width=SIZE, num_inference_steps=4,
+                latents=noise, output_type="np", **QUIET)  # fmt: skip
+    assert ours.shape == expected.shape == (1, SIZE, SIZE, 3)
+    assert np.abs(ours - expected).max() < 1e-3
+    # the defaults: cfg_scale 4 with the negative prompt " "
+    expected = _reference(tiny, noise, 2, negative_prompt=" ", true_cfg_scale=4.0)
+    ours = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, latents=noise, output_type="np", **QUIET)
+    assert np.abs(ours - expected).max() < 1e-3
+
+
+def test_without_cfg_matches_diffusers(tiny) -> None:
+    noise = _noise(1)
+    expected = _reference(tiny, noise, 3, true_cfg_scale=1.0)
+    pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
+    ours = pipe(PROMPT, cfg_scale=1.0, height=SIZE, width=SIZE, num_inference_steps=3, latents=noise,
+                output_type="np", **QUIET)  # fmt: skip
+    assert np.abs(ours - expected).max() < 1e-3
+
+
+def test_batch_of_prompts_of_different_lengths_matches_diffusers(tiny) -> None:
+    """Two prompts padded to the longer one (the DiT masks the padding), true CFG on."""
+    from diffusers import QwenImagePipeline
+
+    from difforge_qwen_image.pipeline import pack_latents
+
+    prompts = [PROMPT, "a red fox"]
+    noise = torch.randn(2, Z, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    ref = QwenImagePipeline.from_pretrained(tiny, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(prompts, negative_prompt=[NEGATIVE, " "], true_cfg_scale=4.0, height=SIZE, width=SIZE,
+                   num_inference_steps=2, latents=pack_latents(noise), output_type="np").images  # fmt: skip
+    pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
+    ours = pipe(prompts, negative_prompt=[NEGATIVE, " "], height=SIZE, width=SIZE, num_inference_steps=2, latents=noise,
+                output_type="np", **QUIET)  # fmt: skip
+    assert ours.shape == (2, SIZE, SIZE, 3)
+    assert np.abs(ours - expected).max() < 1e-3
+
+
+def test_image_to_image_matches_diffusers(tiny, monkeypatch) -> None:
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_img2img as img2img
+    from diffusers import QwenImageImg2ImgPipeline
+    from PIL import Image
+
+    noise = _noise(2)
+    source = Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8))
+    # the same start on both sides: the VAE's mean (difforge encodes deterministically) and our noise
+    real = img2img.retrieve_latents
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample": real(out, sample_mode="argmax"))
+    monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **kw: noise[:, None].clone())
+    ref = QwenImageImg2ImgPipeline.from_pretrained(tiny, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPT, image=source, strength=0.6, negative_prompt=NEGATIVE, true_cfg_scale=4.0, height=SIZE,
+                   width=SIZE, num_inference_steps=5, output_type="np").images  # fmt: skip
+
+    pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
+    ours = pipe(PROMPT, negative_prompt=NEGATIVE, input_image=source, denoising_strength=0.6, height=SIZE, width=SIZE,
+                num_inference_steps=5, latents=noise, output_type="np", **QUIET)  # fmt: skip
+    assert np.abs(ours - expected).max() < 1e-3
+
+
+def test_tiled_decode_is_close_to_plain(tiny) -> None:
+    pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
+    noise = torch.randn(1, Z, 16, 24, generator=torch.Generator().manual_seed(4))
+    call = dict(height=128, width=192, num_inference_steps=1, latents=noise, output_type="np", cfg_scale=1.0, **QUIET)
+    plain = pipe(PROMPT, **call)
+    tiled = pipe(PROMPT, tiled=True, tile_size=8, tile_stride=6, **call)
+    assert tiled.shape == plain.shape
+    # a tiny random VAE has a receptive field wider than the overlap; the blend keeps it close, not exact
+    assert np.abs(tiled - plain).mean() < 0.05
+    with pytest.raises(difforge.ConfigError, match="tile_stride"):
+        pipe(PROMPT, tiled=True, tile_size=8, tile_stride=9, **call)
+
+
+def test_long_prompts_warn_and_are_cut(tiny, caplog) -> None:
+    pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
+    long = " ".join(f"word{i}" for i in range(80))
+    with caplog.at_level(logging.WARNING, logger="difforge_qwen_image.pipeline"):
+        cond = pipe.encode_prompt([long, "a cat"], max_sequence_length=16)
+    assert "max_sequence_length" in caplog.text
+    assert cond["txt"].shape[:2] == cond["txt_mask"].shape == (2, 16)
+    with pytest.raises(difforge.ConfigError, match="max_sequence_length"):
+        pipe(PROMPT, max_sequence_length=2048, height=SIZE, width=SIZE, **QUIET)
+
+
+def test_missing_components_are_reported_before_loading(tiny) -> None:
+    with pytest.raises(difforge.ConfigError, match="text_encoder"):
+        Pipeline.from_pretrained("qwen-image", model_configs=[ModelConfig(path=str(tiny / "transformer")),
+                                                             ModelConfig(path=str(tiny / "vae"))], device="cpu")  # fmt: skip
+    pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
+    with pytest.raises(difforge.ConfigError, match="multiple of 16"):
+        pipe(PROMPT, height=72, width=SIZE, **QUIET)
