@@ -286,12 +286,13 @@ class Pipeline:
         cache_spec = registry.caches.get(choice.name)
         options = merge_options("cache strategy", cache_spec.name, cache_spec.options, choice.options)
         apply = resolve(cache_spec.apply)
+        # the denoiser only: encoders run once per call, outside the step loop and its CFG branches
         for slot, module in self.models().items():
-            layout = self._model_spec(slot).layout if self._model_spec(slot) else None
-            if layout is not None:
-                self._cache_handles.append(apply(module, layout, {**options, "family": self.spec.family}))
+            spec = self._model_spec(slot)
+            if spec is not None and spec.role == "dit" and spec.layout is not None:
+                self._cache_handles.append(apply(module, spec.layout, {**options, "family": self.spec.family}))
         if not self._cache_handles:
-            raise ConfigError(f"cache {choice.name!r}: no component of pipeline {self.spec.name!r} declares a block layout")
+            raise ConfigError(f"cache {choice.name!r}: no denoiser of pipeline {self.spec.name!r} declares a block layout")
         self.cache_choice = choice
 
     def set_attention(self, attention: str | Mapping[str, Any] | None) -> None:

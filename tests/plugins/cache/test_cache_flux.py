@@ -178,8 +178,6 @@ def test_flux_pipeline_is_exact_at_threshold_zero_and_interval_one(flux_pipe: Pi
         flux_pipe.set_cache(None)
 
 
-@pytest.mark.xfail(reason="core: Pipeline.set_cache applies a cache to every component with a block layout, "
-                          "the text encoders included; it should apply to the denoiser (role 'dit') only")  # fmt: skip
 def test_flux_pipeline_caches_only_the_dit(flux_pipe: Pipeline) -> None:
     try:
         flux_pipe.set_cache("fbcache")
