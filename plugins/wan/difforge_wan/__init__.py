@@ -116,7 +116,7 @@ def difforge_register_models() -> Iterator[ModelSpec | PipelineSpec]:
         format="wan",
         identifying_keys=("encoder.conv1.weight", "encoder.middle.1.to_qkv.weight", "decoder.head.2.weight", "conv2.weight"),
         fingerprints=VAE_FINGERPRINTS,
-        keep_high_precision=("*.gamma",),
+        keep_high_precision=("*.gamma", "conv1.*", "conv2.*", "encoder.conv1.*", "decoder.conv1.*", "*.head.*"),
         released_configs={"Wan2.1-VAE": f"{VAE}:WAN21_VAE", "Wan2.2-VAE": f"{VAE}:WAN22_VAE"},
         description="Wan causal video VAE: 2.1 (16 channels, 8x, 4x in time), 2.2 (48 channels, 16x)",
     )

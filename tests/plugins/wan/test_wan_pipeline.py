@@ -226,12 +226,16 @@ def test_wan_layouts_give_the_same_video(tiny, tmp_path):
     assert np.abs(pipe(PROMPT, **call) - expected).max() < 1e-5
 
 
-def test_pil_frames_and_argument_checks(tiny):
+def test_pil_frames_and_argument_checks(tiny, tmp_path):
+    from PIL import Image
+
     folder, version = tiny
     size = SIZE[version]
     pipe = Pipeline.from_pretrained("wan", str(folder), device="cpu")
     frames = pipe(PROMPT, height=size, width=size, num_frames=5, num_inference_steps=1, seed=0, **QUIET)
     assert isinstance(frames, list) and len(frames) == 5 and frames[0].size == (size, size)
+    with Image.open(difforge.save_video(frames, tmp_path / "out.webp", fps=8)) as webp:
+        assert webp.n_frames == 5
     with pytest.raises(difforge.ConfigError, match="num_frames must be 4k \\+ 1"):
         pipe(PROMPT, height=size, width=size, num_frames=8, **QUIET)
     with pytest.raises(difforge.ConfigError, match=f"multiple of {pipe.spatial_multiple}"):
