@@ -307,6 +307,33 @@ class Pipeline:
     def cache_stats(self) -> list[Any]:
         return [h.stats() for h in self._cache_handles]
 
+    # ------------------------------------------------------------ LoRA (difforge.lora)
+
+    def load_lora(self, lora: Any, scale: float = 1.0, fuse: bool | None = None, target: Any = "dit",
+                  name: str | None = None, strict: bool = True) -> str:
+        """Load a LoRA (path, ``ModelConfig`` or state dict) in any registered format; returns its name.
+        ``fuse=None`` fuses unless an offload backend is active; see :mod:`difforge.lora`."""
+        from ..lora import lora_manager
+
+        return lora_manager(self).load(lora, scale=scale, fuse=fuse, target=target, name=name, strict=strict)
+
+    def clear_lora(self, name: str | None = None) -> None:
+        """Remove LoRA ``name`` (None: all); fused weights get their original bits back."""
+        from ..lora import lora_manager
+
+        lora_manager(self).clear(name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        from ..lora import lora_manager
+
+        lora_manager(self).set_scale(name, scale)
+
+    def export_lora(self, name: str, path: str | os.PathLike[str], format: str = "diffusers") -> Path:  # noqa: A002
+        """Write a loaded LoRA in ``format`` (``diffusers``, ``kohya``, ``comfyui``, ...)."""
+        from ..lora import lora_manager
+
+        return lora_manager(self).export(name, path, format)
+
     def _model_spec(self, slot: str) -> Any:
         det = self.detections.get(slot)
         name = getattr(det, "model", None)
