@@ -5,6 +5,8 @@ This entry module is light: it imports no torch. Models and converters are named
 ``flux1-dev.safetensors``) and ``flux-ae`` (:mod:`.ae`, own format BFL, as in ``ae.safetensors``).
 Converters (:mod:`.convert`): the diffusers folders (``transformer/``, ``vae/``). ComfyUI/civitai
 files (``model.diffusion_model.`` + BFL keys) load through the core's generic prefix stripping.
+LoRA converters (:mod:`.lora`, ``kind="lora"``): the diffusers/PEFT, kohya, ComfyUI, XLabs and
+DiffSynth-Studio layouts of the DiT, and the CLIP/T5 parts of LoRA files.
 
 The fingerprints below are recomputed from the released configs by :mod:`.releases` (and checked
 by the tests); the diffusers layouts of a release carry the same variant name as the BFL files.
@@ -21,6 +23,7 @@ difforge_api = ">=1,<2"
 DIT = "difforge_flux.dit"
 AE = "difforge_flux.ae"
 CONVERT = "difforge_flux.convert"
+LORA = "difforge_flux.lora"
 
 DIT_FINGERPRINTS = {
     "54f41176ae5ce6f91fdfafdc5e0ca4c9": "FLUX.1-dev",  # flux1-dev.safetensors (BFL)
@@ -151,3 +154,42 @@ def difforge_register_converters() -> Iterator[ConverterSpec]:
         inverse_transform=f"{CONVERT}:ae_unreshape",
         description="diffusers AutoencoderKL (Flux vae/) -> BFL ae.safetensors: decoder level order, 1x1 attention",
     )
+    yield from _lora_converters()
+
+
+#: LoRA formats: (format, DiT inverse_transform, what it looks like); see :mod:`difforge_flux.lora`
+_DIT_LORA_FORMATS = (
+    ("diffusers", "split_lora", "transformer.transformer_blocks.0.attn.to_q.lora_A.weight (PEFT, .default optional)"),
+    ("kohya", "bfl_export", "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight / lora_up / alpha"),
+    ("comfyui", "bfl_export", "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"),
+    ("xlabs", "xlabs_export", "double_blocks.0.processor.qkv_lora1.down.weight"),
+    ("diffsynth", "diffsynth_export", "blocks.0.attn.a_to_qkv.lora_A.default.weight (DiffSynth-Studio)"),
+)
+
+
+def _lora_converters() -> Iterator[ConverterSpec]:
+    for fmt, inverse, example in _DIT_LORA_FORMATS:
+        yield ConverterSpec(
+            name=f"flux-dit-lora-{fmt}",
+            source_format=fmt,
+            target_model="flux-dit",
+            detect=f"{LORA}:is_{fmt}",
+            rename=f"{LORA}:rename_{fmt}",
+            transform=f"{LORA}:fuse_lora",
+            inverse_rename=f"{LORA}:inverse_{fmt}",
+            inverse_transform=f"{LORA}:{inverse}",
+            kind="lora",
+            description=f"Flux DiT LoRA, {fmt}: {example}",
+        )
+    for encoder, model in (("clip", "clip-text"), ("t5", "t5-encoder")):
+        for fmt in ("diffusers", "kohya", "comfyui"):
+            yield ConverterSpec(
+                name=f"flux-{encoder}-lora-{fmt}",
+                source_format=fmt,
+                target_model=model,
+                detect=f"{LORA}:is_{encoder}_{fmt}",
+                rename=f"{LORA}:rename_{encoder}_{fmt}",
+                inverse_rename=f"{LORA}:inverse_{encoder}_{fmt}",
+                kind="lora",
+                description=f"Flux {encoder.upper()} text-encoder LoRA, {fmt} names (lora_te*, text_encoder*, text_encoders.*)",
+            )

@@ -1,0 +1,327 @@
+"""Flux LoRAs against diffusers: a tiny LoRA made with PEFT on the tiny diffusers FluxPipeline, saved with
+``FluxPipeline.save_lora_weights`` and loaded by diffusers (``load_lora_weights``) and by us, fused and
+hot, in every layout our converters read (the other layouts are written by our inverse key maps).
+
+Every comparison runs the whole pipeline (text encoders, DiT, AE) on the same initial noise in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import difforge
+from difforge import Pipeline
+from difforge_sdk.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+PROMPT = "a cat holding a sign"
+SIZE = 32
+CALL = dict(height=SIZE, width=SIZE, num_inference_steps=2, output_type="np", progress_bar_cmd=lambda x: x)
+DIT_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp", "proj_out",
+    "norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "ff.net.0.proj", "ff.net.2",
+    "ff_context.net.0.proj", "ff_context.net.2", "x_embedder", "context_embedder", "linear_1", "linear_2",
+]
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@pytest.fixture(autouse=True)
+def _registry() -> Any:
+    difforge.reload_plugins()
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomize(module: torch.nn.Module, seed: int, std: float, only_lora: bool = False) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not only_lora or "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (std if p.dim() > 1 else std / 3))
+
+
+def _tiny_pipeline(folder: Path) -> Path:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tok"))
+    tok2 = T5TokenizerFast.from_pretrained(write_t5_tokenizer(folder / "_tok2"))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+        norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    clip = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tok.bos_token_id, eos_token_id=2,
+        pad_token_id=tok.pad_token_id, hidden_act="quick_gelu",
+    ))
+    t5 = T5EncoderModel(T5Config(
+        d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, vocab_size=len(tok2), relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False, decoder_start_token_id=0,
+    ))
+    for i, module in enumerate((transformer, vae, clip, t5)):
+        _randomize(module, i, 0.3)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
+                 transformer=transformer).save_pretrained(folder / "diffusers")
+    return folder / "diffusers"
+
+
+def _peft_lora(folder: Path, out: Path, seed: int, targets: list[str], clip: bool) -> Path:
+    """A random PEFT LoRA (rank 4, alpha 8, one module at alpha 2) saved by diffusers with its metadata."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    ref = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"to_k": 2}, target_modules=targets, init_lora_weights=False)
+    ref.transformer.add_adapter(config)
+    _randomize(ref.transformer, seed, 0.2, only_lora=True)
+    kw: dict[str, Any] = {
+        "transformer_lora_layers": get_peft_model_state_dict(ref.transformer),
+        "transformer_lora_adapter_metadata": ref.transformer.peft_config["default"].to_dict(),
+    }
+    if clip:
+        te_config = LoraConfig(r=2, lora_alpha=3, target_modules=CLIP_TARGETS, init_lora_weights=False)
+        ref.text_encoder.add_adapter(te_config)
+        _randomize(ref.text_encoder, seed + 1, 0.2, only_lora=True)
+        kw["text_encoder_lora_layers"] = get_peft_model_state_dict(ref.text_encoder)
+        kw["text_encoder_lora_adapter_metadata"] = ref.text_encoder.peft_config["default"].to_dict()
+    FluxPipeline.save_lora_weights(out, weight_name="lora.safetensors", **kw)
+    return out / "lora.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: Any) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("flux-lora")
+    folder = _tiny_pipeline(root)
+    return {
+        "folder": folder,
+        "lora": _peft_lora(folder, root / "a", seed=10, targets=DIT_TARGETS, clip=True),
+        "lora_b": _peft_lora(folder, root / "b", seed=20, targets=["to_q", "to_v", "proj_mlp", "ff.net.2"], clip=False),
+        "attention": _peft_lora(folder, root / "c", seed=30, targets=ATTENTION_TARGETS, clip=False),
+        "noise": torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0)),
+    }
+
+
+def _reference(tiny: dict[str, Any], *loras: tuple[Path, float]) -> np.ndarray:
+    """diffusers' FluxPipeline with ``loras`` (path, weight) loaded by ``load_lora_weights``."""
+    from diffusers import FluxPipeline
+
+    from difforge_flux.pipeline import pack_latents
+
+    ref = FluxPipeline.from_pretrained(tiny["folder"], torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    names = []
+    for i, (path, _) in enumerate(loras):
+        ref.load_lora_weights(str(path), adapter_name=f"l{i}")
+        names.append(f"l{i}")
+    if names:
+        ref.set_adapters(names, [w for _, w in loras])
+    return ref(PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=3.5,
+               latents=pack_latents(tiny["noise"]), output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def expected(tiny: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {"base": _reference(tiny), "lora": _reference(tiny, (tiny["lora"], 1.0))}
+
+
+def _pipe(tiny: dict[str, Any], **kw: Any) -> Pipeline:
+    return Pipeline.from_pretrained("flux", str(tiny["folder"]), device="cpu", **kw)
+
+
+def _run(pipe: Pipeline, tiny: dict[str, Any]) -> np.ndarray:
+    return pipe(PROMPT, latents=tiny["noise"], embedded_guidance=3.5, **CALL)
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max())
+
+
+# ---------------------------------------------------------------- parity with diffusers
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "hot"])
+def test_diffusers_lora_matches_diffusers(tiny, expected, fuse):
+    pipe = _pipe(tiny)
+    base = _run(pipe, tiny)
+    assert _diff(base, expected["base"]) < 1e-3
+    assert _diff(expected["lora"], expected["base"]) > 1e-2  # the LoRA matters
+    name = pipe.load_lora(str(tiny["lora"]), fuse=fuse, target="all")
+    entry = pipe._lora_manager.loras[name]
+    assert entry.fused is fuse and entry.formats == {"dit": "diffusers", "text_encoder": "diffusers"}
+    assert _diff(_run(pipe, tiny), expected["lora"]) < 1e-3
+    pipe.clear_lora()
+    assert np.array_equal(_run(pipe, tiny), base)
+
+
+def test_two_loras_and_scales_match_diffusers(tiny):
+    want = _reference(tiny, (tiny["lora"], 0.5), (tiny["lora_b"], 1.5))
+    pipe = _pipe(tiny)
+    pipe.load_lora(tiny["lora"], target="all", name="a")  # fused
+    pipe.load_lora(tiny["lora_b"], fuse=False, name="b", scale=0.25)  # hot, on some of the same layers
+    pipe.set_lora_scale("a", 0.5)
+    pipe.set_lora_scale("b", 1.5)
+    assert _diff(_run(pipe, tiny), want) < 1e-3
+
+
+def test_layouts_from_our_inverse_maps_give_the_same_image(tiny, expected, tmp_path):
+    """Each layout written by our inverse maps loads (fused and hot) to the original's image."""
+    cases = [
+        ("all", "kohya", "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"),
+        ("all", "comfyui", "diffusion_model.single_blocks.1.linear1.lora_A.weight"),
+        ("all", "diffusers", "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"),
+        ("dit", "diffsynth", "blocks.0.attn.a_to_qkv.lora_A.default.weight"),  # DiffSynth: DiT names only
+    ]
+    pipe = _pipe(tiny)
+    want = {}
+    for target in ("all", "dit"):
+        pipe.load_lora(tiny["lora"], target=target, name=target, fuse=False)
+        want[target] = _run(pipe, tiny)
+        pipe.clear_lora()
+    assert _diff(want["all"], expected["lora"]) < 1e-3
+    other = _pipe(tiny)
+    for target, fmt, probe in cases:
+        pipe.load_lora(tiny["lora"], target=target, name="src", fuse=False)
+        path = pipe.export_lora("src", tmp_path / f"{fmt}.safetensors", format=fmt)
+        pipe.clear_lora()
+        assert probe in load_file(str(path)), fmt
+        for fuse in (True, False):
+            other.load_lora(path, target="all", fuse=fuse, name=fmt)
+            assert other._lora_manager.loras[fmt].formats["dit"] == fmt
+            assert _diff(_run(other, tiny), want[target]) < 1e-5, (fmt, fuse)
+            other.clear_lora()
+    with pytest.raises(difforge.ConversionError, match="formats available for it"):
+        pipe.load_lora(tiny["lora"], target="all", name="src")
+        pipe.export_lora("src", tmp_path / "x.safetensors", format="diffsynth")  # no DiffSynth CLIP names
+
+
+def test_kohya_diffusers_names_match_diffusers(tiny, tmp_path):
+    """sd-scripts' spelling of diffusers names (``lora_transformer_transformer_blocks_0_attn_to_q`` with
+    ``alpha``), made from the PEFT file by key map: diffusers (whose reader of this spelling covers the
+    attention layers) and difforge give the PEFT original's image."""
+    from difforge.lora import read_lora
+
+    kohya = {}
+    for key, value in read_lora(tiny["attention"]).tensors.items():  # the PEFT alphas are keys here
+        module, _, suffix = key.removeprefix("transformer.").rpartition(".lora_")
+        if key.endswith(".alpha"):
+            module, suffix = key.removeprefix("transformer.").removesuffix(".alpha"), "alpha"
+        else:
+            suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[suffix]
+        kohya[f"lora_transformer_{module.replace('.', '_')}.{suffix}"] = value
+    path = tmp_path / "kohya_diffusers.safetensors"
+    save_file(kohya, str(path))
+    want = _reference(tiny, (tiny["attention"], 1.0))
+    assert _diff(_reference(tiny, (path, 1.0)), want) < 1e-3
+    pipe = _pipe(tiny)
+    pipe.load_lora(path)
+    assert pipe._lora_manager.loras["kohya_diffusers"].formats == {"dit": "kohya"}
+    assert _diff(_run(pipe, tiny), want) < 1e-3
+
+
+def test_xlabs_layout_matches_diffusers(tiny, tmp_path):
+    """An attention-only LoRA written in XLabs' layout by our inverse map: diffusers (which reads XLabs
+    files) and difforge agree with the PEFT original."""
+    want = _reference(tiny, (tiny["attention"], 1.0))
+    pipe = _pipe(tiny)
+    pipe.load_lora(tiny["attention"], name="peft")
+    assert _diff(_run(pipe, tiny), want) < 1e-3
+    path = pipe.export_lora("peft", tmp_path / "xlabs.safetensors", format="xlabs")
+    assert "double_blocks.0.processor.qkv_lora2.up.weight" in load_file(str(path))
+    assert _diff(_reference(tiny, (path, 1.0)), want) < 1e-3
+    pipe.clear_lora()
+    pipe.load_lora(path, fuse=False)
+    assert _diff(_run(pipe, tiny), want) < 1e-3
+    with pytest.raises(difforge.ConversionError, match="XLabs"):  # proj_mlp has no XLabs spelling
+        other = _pipe(tiny)
+        other.load_lora(tiny["lora_b"], name="b")
+        other.export_lora("b", tmp_path / "x.safetensors", format="xlabs")
+
+
+# ---------------------------------------------------------------- exactness of clearing
+
+
+def test_fuse_then_clear_restores_every_weight_bit_for_bit(tiny):
+    pipe = _pipe(tiny)
+    before = {(s, k): (t, t.clone()) for s, m in pipe.models().items() for k, t in m.state_dict(keep_vars=True).items()}
+    pipe.load_lora(tiny["lora"], target="all", fuse=True)
+    pipe.load_lora(tiny["lora_b"], fuse=True, scale=0.3)
+    changed = [key for key, (t, c) in before.items() if not torch.equal(t, c)]
+    assert any(s == "dit" for s, _ in changed) and any(s == "text_encoder" for s, _ in changed)
+    pipe.set_lora_scale("lora", 2.0)
+    pipe.clear_lora("lora")
+    pipe.clear_lora()
+    after = {(s, k): t for s, m in pipe.models().items() for k, t in m.state_dict(keep_vars=True).items()}
+    for key, (obj, copy) in before.items():
+        assert after[key] is obj  # the same Parameter objects...
+        assert obj.dtype == copy.dtype and torch.equal(obj, copy), key  # ...holding the same bits
+
+
+def test_hot_then_clear_is_bit_identical_and_scale_zero_is_off(tiny):
+    pipe = _pipe(tiny)
+    base = _run(pipe, tiny)
+    pipe.load_lora(tiny["lora"], target="all", fuse=False)
+    pipe.set_lora_scale("lora", 0.0)
+    assert np.array_equal(_run(pipe, tiny), base)
+    pipe.clear_lora()
+    assert np.array_equal(_run(pipe, tiny), base)
+    assert not any(m._forward_hooks for c in pipe.models().values() for m in c.modules())
+
+
+# ---------------------------------------------------------------- errors, strictness, offload
+
+
+def test_strict_lists_unknown_and_mismatched_keys(tiny, tmp_path, caplog):
+    sd = load_file(str(tiny["lora"]))
+    sd["transformer.transformer_blocks.7.attn.to_q.lora_A.weight"] = torch.zeros(4, 32)  # no block 7
+    sd["transformer.transformer_blocks.7.attn.to_q.lora_B.weight"] = torch.zeros(32, 4)
+    sd["transformer.something_else.weight"] = torch.zeros(3)
+    path = tmp_path / "broken.safetensors"
+    save_file(sd, str(path))
+    pipe = _pipe(tiny)
+    with pytest.raises(difforge.ConversionError, match=r"something_else(.|\n)*double_blocks\.7\.img_attn\.qkv"):
+        pipe.load_lora(path, target="all")
+    assert not pipe._lora_manager.loras
+    with caplog.at_level(logging.WARNING, logger="difforge.lora"):
+        pipe.load_lora(path, target="all", strict=False)
+    assert "skipped 1 unknown key(s) and 1 mismatched module(s)" in caplog.text
+
+
+def test_fp8_and_offload_use_hot_loras(tiny):
+    pytest.importorskip("difforge_fp8")
+    pipe = _pipe(tiny, offload=["fp8", "sequential"])
+    base = _run(pipe, tiny)
+    with pytest.raises(difforge.ConfigError, match="fp8|float8|streaming"):
+        pipe.load_lora(tiny["lora"], fuse=True)
+    pipe.load_lora(tiny["lora"], target="all")  # fuse=None: hot under offload
+    assert not pipe._lora_manager.loras["lora"].fused
+    out = _run(pipe, tiny)
+    assert _diff(out, base) > 1e-2
+    pipe.clear_lora()
+    assert np.array_equal(_run(pipe, tiny), base)
