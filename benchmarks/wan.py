@@ -137,15 +137,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=17, help="video frames (4k + 1)")
     parser.add_argument("--size", type=int, default=256, help="video side in pixels")
     parser.add_argument("--text-tokens", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="fp32 only, 3 rounds, 1 warm-up")
+    parser.add_argument("--rounds", type=int, default=None, help="timed runs per model (default 10, 3 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs per model first (default 2, 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="fp32 only, 3 rounds, 1 warm-up (unless given)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "wan.json")
     args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.warmup = 3, 1
-        args.dtype = args.dtype or "fp32"
-    args.dtype = args.dtype or "fp32,bf16"
+    args.rounds = args.rounds or (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.dtype = args.dtype or ("fp32" if args.quick else "fp32,bf16")
 
     results = [run(d.strip(), t.strip(), args) for d in args.dtype.split(",") for t in args.timesteps.split(",")]
     tokens = ((args.frames - 1) // 4 + 1) * (args.size // 16) ** 2

@@ -243,10 +243,11 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
-        self._rope_cache: tuple[Any, Rope] | None = None  # (grid, device) -> rotations of the last call
+        self._rope_cache: tuple[Any, Rope] | None = None  # (key, rotations) of the last call
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
-        key = (grid, device)
+        """The rotations of a token grid, kept for the next call (an inference-mode tensor is not reused outside)."""
+        key = (grid, device, torch.is_inference_mode_enabled())
         if self._rope_cache is None or self._rope_cache[0] != key:
             self._rope_cache = (key, rope_rotations(grid, self.config.rope_axes, device))
         return self._rope_cache[1]
