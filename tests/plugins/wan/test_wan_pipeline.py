@@ -177,8 +177,9 @@ def test_image_to_video_matches_diffusers(tiny, monkeypatch):
 
 
 def _write_wan_layouts(folder: Path, out: Path, version: str) -> list[ModelConfig]:
-    """The diffusers folder's transformer and VAE written in Wan-AI's layout (by the inverse key maps):
-    the DiT as a safetensors file with Wan-AI's ``config.json`` beside it, the VAE as a ``.pth``."""
+    """The diffusers folder's transformer, VAE and umT5 written in Wan-AI's layout (by the inverse key maps),
+    side by side as in a Wan-AI repository: the DiT as safetensors with Wan-AI's ``config.json``, the VAE
+    and the umT5 encoder as ``.pth`` files (read with ``torch.load(weights_only=True)``)."""
     from difforge.loading.convert import convert_checkpoint
 
     out.mkdir()
@@ -191,12 +192,13 @@ def _write_wan_layouts(folder: Path, out: Path, version: str) -> list[ModelConfi
         "ffn_dim": ref_config["ffn_dim"], "freq_dim": ref_config["freq_dim"], "text_len": 512, "num_layers": 2,
         "eps": 1e-6,
     }))  # fmt: skip
-    vae_sft = convert_checkpoint([str(folder / "vae")], to_format="wan", output=out / "vae.safetensors")
     from safetensors.torch import load_file
 
-    torch.save(load_file(vae_sft), out / "Wan_VAE.pth")
-    Path(vae_sft).unlink()
-    return [ModelConfig(path=str(out / "Wan_VAE.pth")), ModelConfig(path=str(folder / "text_encoder")),
+    for component, name in (("vae", "Wan2.1_VAE.pth"), ("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth")):
+        converted = convert_checkpoint([str(folder / component)], to_format="wan", output=out / "tmp.safetensors")
+        torch.save(load_file(converted), out / name)
+        Path(converted).unlink()
+    return [ModelConfig(path=str(out / "Wan2.1_VAE.pth")), ModelConfig(path=str(out / "models_t5_umt5-xxl-enc-bf16.pth")),
             ModelConfig(path=str(dit))]  # fmt: skip
 
 
@@ -209,7 +211,9 @@ def test_wan_layouts_give_the_same_video(tiny, tmp_path):
     configs = _write_wan_layouts(folder, tmp_path / "wan", version)
     pipe = Pipeline.from_pretrained("wan", model_configs=configs, device="cpu",
                                     tokenizer_config=ModelConfig(path=str(folder / "tokenizer")))  # fmt: skip
-    assert pipe.detections["dit"].format == "wan" and pipe.detections["vae"].format == "wan"
+    assert {slot: pipe.detections[slot].format for slot in ("dit", "vae", "text_encoder")} == dict.fromkeys(
+        ("dit", "vae", "text_encoder"), "wan"
+    )
     assert np.abs(pipe(PROMPT, **call) - expected).max() < 1e-5
     # the same DiT with a ComfyUI prefix
     from safetensors.torch import load_file
@@ -220,6 +224,7 @@ def test_wan_layouts_give_the_same_video(tiny, tmp_path):
     save_file({"model.diffusion_model." + k: v for k, v in load_file(dit).items()}, str(comfy))
     (comfy.parent / "config.json").write_text((tmp_path / "wan" / "config.json").read_text())
     configs = [c if "diffusion_pytorch_model" not in str(c.path) else ModelConfig(path=str(comfy)) for c in configs]
+    configs[1] = ModelConfig(path=str(folder / "text_encoder"))  # and umT5 in transformers' layout
     pipe = Pipeline.from_pretrained("wan", model_configs=configs, device="cpu",
                                     tokenizer_config=ModelConfig(path=str(folder / "tokenizer")))  # fmt: skip
     assert pipe.detections["dit"].prefix == "model.diffusion_model."
