@@ -267,3 +267,19 @@ def test_block_cache_plugin_works_on_wan(tiny):
     pipe(PROMPT, **call)
     dit_stats = max(pipe.cache_stats(), key=lambda s: s["steps"])  # the DiT (the umT5 encoder has a layout too)
     assert dit_stats["steps"] == 8 and dit_stats["steps_cached"] > 0
+
+
+def test_command_line_writes_a_video(tiny, tmp_path):
+    from PIL import Image
+
+    from difforge.cli import main
+
+    folder, version = tiny
+    size = str(SIZE[version])
+    out = tmp_path / "clip.gif"
+    models = [arg for c in ("transformer", "vae", "text_encoder", "tokenizer") for arg in ("--model", str(folder / c))]
+    code = main(["generate", "wan", *models, "--prompt", PROMPT, "--num-frames", "5", "--steps", "1",
+                 "--width", size, "--height", size, "--seed", "0", "--device", "cpu", "-o", str(out)])  # fmt: skip
+    assert code == 0
+    with Image.open(out) as gif:
+        assert gif.n_frames == 5 and gif.size == (int(size), int(size))
