@@ -112,7 +112,6 @@ def run(dtype_name: str, timesteps: str, args: argparse.Namespace) -> dict[str, 
         times, cpu_times = alternate({"diffusers": run_ref, "ours": run_ours}, args.rounds, args.warmup, device)
     med = {name: statistics.median(v) for name, v in times.items()}
     med_cpu = {name: statistics.median(v) for name, v in cpu_times.items()}
-    del ref, ours
     return {
         "dtype": dtype_name,
         "timesteps": timesteps,
