@@ -79,12 +79,18 @@ FIRST_PARTY: dict[str, tuple[str, dict[str, Any]]] = {
         dict(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1),
     ),
+    # the MSRoPE split (2:7:7 of the head dim) is not in the shapes: head dim 16 gives (4, 6, 6)
+    "qwen-image-dit": (
+        "difforge_qwen_image.dit:QwenImageDiTConfig",
+        dict(in_channels=16, out_channels=4, num_layers=2, num_heads=2, head_dim=16, text_dim=32, axes_dim=(4, 6, 6)),
+    ),
 }
 
 #: tokenizer model name -> writer ``(folder) -> folder``
 TOKENIZERS: dict[str, str] = {
     "clip-tokenizer": "difforge_sdk.tiny_tokenizers:write_clip_tokenizer",
     "t5-tokenizer": "difforge_sdk.tiny_tokenizers:write_t5_tokenizer",
+    "qwen2-tokenizer": "difforge_sdk.tiny_tokenizers:write_qwen2_tokenizer",
 }
 
 
@@ -263,7 +269,8 @@ def write_checkpoint(
 
 
 def write_tokenizer(model: str, folder: str | os.PathLike[str]) -> Path:
-    """A tiny tokenizer folder recognised as tokenizer model ``model`` (``clip-tokenizer``, ``t5-tokenizer``)."""
+    """A tiny tokenizer folder recognised as tokenizer model ``model`` (``clip-tokenizer``, ``t5-tokenizer``,
+    ``qwen2-tokenizer``)."""
     writer = {normalize_name(k): v for k, v in TOKENIZERS.items()}.get(normalize_name(model))
     if writer is None:
         raise ConfigError(f"no tiny tokenizer writer for {model!r}; known: {', '.join(TOKENIZERS)}")
