@@ -143,6 +143,10 @@ def test_export_round_trip_and_convert(build, dit_lora, tmp_path):
     other = build()
     other.load_lora(out, target=["dit", "text_encoder"], fuse=True)
     assert torch.allclose(other(**CALL), want, atol=1e-5)
+    mixed = {**random_lora(pipe.components["dit"], ["blocks.0.attn.proj"], "toy.", seed=5, alpha=None), **sd}
+    pipe.load_lora(mixed, name="mixed", fuse=False)
+    back = read_lora(pipe.export_lora("mixed", tmp_path / "mixed.safetensors", format="toy")).tensors
+    assert float(back["toy.blocks.0.attn.proj.alpha"]) == 2.0  # alpha = rank (scale 1) beside modules with an alpha
     with pytest.raises(ConversionError, match="formats available for it: toy, toy-parts"):
         pipe.export_lora("both", tmp_path / "no.safetensors", format="kohya")
     qkv = write(random_lora(pipe.components["dit"], ["blocks.0.attn.qkv"], "toy.", seed=4), tmp_path / "qkv.safetensors")

@@ -63,15 +63,17 @@ class LoraDelta:
         n = b.shape[0]
         return (b @ a).reshape(n, *shape[1:])
 
-    def own_group(self) -> dict[str, torch.Tensor]:
-        """The own-layout LoRA group (``B`` padded to the whole weight), for export."""
+    def own_group(self, with_alpha: bool = False) -> dict[str, torch.Tensor]:
+        """The own-layout LoRA group (``B`` padded to the whole weight), for export. ``with_alpha``: write
+        ``alpha = r`` (scale 1) rather than nothing, as formats need when other modules carry an alpha
+        (diffusers reads a missing alpha as the file's most common one)."""
         B = self.B
         if self.rows is not None:
             B = self.B.new_zeros((self.out_features, *self.B.shape[1:]))
             B[self.rows[0] : self.rows[1]] = self.B
         group = {"A": self.A, "B": B}
-        if self.alpha is not None:
-            group["alpha"] = torch.tensor(self.alpha)
+        if self.alpha is not None or with_alpha:
+            group["alpha"] = torch.tensor(float(self.rank) if self.alpha is None else self.alpha)
         return group
 
 

@@ -281,9 +281,10 @@ class LoraManager:
         entry = self._get(name)
         models = self._models()
         out: dict[str, Any] = {}
+        with_alpha = any(d.alpha is not None for deltas in entry.deltas.values() for d in deltas.values())
         for slot, deltas in entry.deltas.items():
             converter = export_converter(models[slot][1], format)
-            groups = {m: d.own_group() for m, d in deltas.items()}
+            groups = {m: d.own_group(with_alpha) for m, d in deltas.items()}
             for key, value in from_own(groups, converter, f"LoRA {name!r} ({slot})").items():
                 if key in out:
                     raise ConversionError(f"export_lora: two components write {key!r} in format {format!r}")

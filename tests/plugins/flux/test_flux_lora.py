@@ -34,6 +34,8 @@ DIT_TARGETS = [
 ]
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+# double blocks only: diffusers' kohya reader assumes FLUX.1's widths for the single blocks' linear1
+DOUBLE_TARGETS = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)|ff\.net\.2)"
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +93,7 @@ def _tiny_pipeline(folder: Path) -> Path:
     return folder / "diffusers"
 
 
-def _peft_lora(folder: Path, out: Path, seed: int, targets: list[str], clip: bool) -> Path:
+def _peft_lora(folder: Path, out: Path, seed: int, targets: list[str] | str, clip: bool) -> Path:
     """A random PEFT LoRA (rank 4, alpha 8, one module at alpha 2) saved by diffusers with its metadata."""
     from diffusers import FluxPipeline
     from peft import LoraConfig
@@ -124,6 +126,7 @@ def tiny(tmp_path_factory: Any) -> dict[str, Any]:
         "lora": _peft_lora(folder, root / "a", seed=10, targets=DIT_TARGETS, clip=True),
         "lora_b": _peft_lora(folder, root / "b", seed=20, targets=["to_q", "to_v", "proj_mlp", "ff.net.2"], clip=False),
         "attention": _peft_lora(folder, root / "c", seed=30, targets=ATTENTION_TARGETS, clip=False),
+        "double": _peft_lora(folder, root / "d", seed=40, targets=DOUBLE_TARGETS, clip=False),
         "noise": torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0)),
     }
 
@@ -195,6 +198,7 @@ def test_layouts_from_our_inverse_maps_give_the_same_image(tiny, expected, tmp_p
     cases = [
         ("all", "kohya", "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"),
         ("all", "comfyui", "diffusion_model.single_blocks.1.linear1.lora_A.weight"),
+        ("dit", "comfyui", "diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight"),  # prefix stripped
         ("all", "diffusers", "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"),
         ("dit", "diffsynth", "blocks.0.attn.a_to_qkv.lora_A.default.weight"),  # DiffSynth: DiT names only
     ]
@@ -211,6 +215,8 @@ def test_layouts_from_our_inverse_maps_give_the_same_image(tiny, expected, tmp_p
         path = pipe.export_lora("src", tmp_path / f"{fmt}.safetensors", format=fmt)
         pipe.clear_lora()
         assert probe in load_file(str(path)), fmt
+        if fmt == "diffusers":  # diffusers reads our diffusers files (alphas as keys, CLIP part included)
+            assert _diff(_reference(tiny, (path, 1.0)), expected["lora"]) < 1e-3
         for fuse in (True, False):
             other.load_lora(path, target="all", fuse=fuse, name=fmt)
             assert other._lora_manager.loras[fmt].formats["dit"] == fmt
@@ -245,6 +251,22 @@ def test_kohya_diffusers_names_match_diffusers(tiny, tmp_path):
     assert _diff(_run(pipe, tiny), want) < 1e-3
 
 
+def test_kohya_layout_matches_diffusers(tiny, tmp_path):
+    """A LoRA on the double blocks written in sd-scripts' layout (``lora_unet_double_blocks_0_img_attn_qkv``,
+    q/k/v merged block-diagonally, alphas) by our inverse map: diffusers' kohya reader splits it back and
+    agrees with the PEFT original, and so do we."""
+    want = _reference(tiny, (tiny["double"], 1.0))
+    pipe = _pipe(tiny)
+    pipe.load_lora(tiny["double"], name="peft")
+    assert _diff(_run(pipe, tiny), want) < 1e-3
+    path = pipe.export_lora("peft", tmp_path / "kohya.safetensors", format="kohya")
+    assert "lora_unet_double_blocks_0_txt_attn_qkv.alpha" in load_file(str(path))
+    assert _diff(_reference(tiny, (path, 1.0)), want) < 1e-3
+    pipe.clear_lora()
+    pipe.load_lora(path, fuse=False)
+    assert _diff(_run(pipe, tiny), want) < 1e-3
+
+
 def test_xlabs_layout_matches_diffusers(tiny, tmp_path):
     """An attention-only LoRA written in XLabs' layout by our inverse map: diffusers (which reads XLabs
     files) and difforge agree with the PEFT original."""
@@ -262,6 +284,36 @@ def test_xlabs_layout_matches_diffusers(tiny, tmp_path):
         other = _pipe(tiny)
         other.load_lora(tiny["lora_b"], name="b")
         other.export_lora("b", tmp_path / "x.safetensors", format="xlabs")
+
+
+def test_text_encoder_parts_in_kohya_and_comfyui_names(tiny, tmp_path):
+    """CLIP in kohya's ``lora_te1_`` names and T5 in ComfyUI's ``text_encoders.t5xxl.transformer.`` names,
+    beside a kohya DiT LoRA, in one file: each part goes to its component."""
+    gen = torch.Generator().manual_seed(7)
+
+    def pair(prefix: str, n_in: int, n_out: int, down: str = "lora_down", up: str = "lora_up") -> dict:
+        return {f"{prefix}.{down}.weight": torch.randn(2, n_in, generator=gen) * 0.5,
+                f"{prefix}.{up}.weight": torch.randn(n_out, 2, generator=gen) * 0.5, f"{prefix}.alpha": torch.tensor(1.0)}
+
+    sd = {
+        **pair("lora_unet_double_blocks_0_img_attn_proj", 32, 32),
+        **pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 32, 32),
+        **pair("text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0", 32, 37, "lora_A", "lora_B"),
+    }
+    path = tmp_path / "te.safetensors"
+    save_file(sd, str(path))
+    pipe = _pipe(tiny)
+    base = _run(pipe, tiny)
+    pipe.load_lora(path, target="all", fuse=True)
+    entry = pipe._lora_manager.loras["te"]
+    assert entry.formats == {"dit": "kohya", "text_encoder": "kohya", "text_encoder_2": "comfyui"}
+    fused = _run(pipe, tiny)
+    assert _diff(fused, base) > 1e-3
+    pipe.clear_lora()
+    pipe.load_lora(path, target=["text_encoder", "text_encoder_2", "dit"], fuse=False)
+    assert _diff(_run(pipe, tiny), fused) < 1e-5
+    pipe.clear_lora()
+    assert np.array_equal(_run(pipe, tiny), base)
 
 
 # ---------------------------------------------------------------- exactness of clearing
