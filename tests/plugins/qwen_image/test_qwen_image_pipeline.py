@@ -26,7 +26,7 @@ QUIET = {"progress_bar_cmd": lambda x: x}
 PROMPT = "a cat holding a sign that says hello world"
 NEGATIVE = "blurry, low quality"
 SIZE = 64  # pixels; latent 8x8, 16 packed tokens
-Z = 4  # latent channels of the tiny VAE
+Z = 16  # latent channels of the tiny VAE, with Qwen-Image's statistics (a Wan-layout file carries none)
 
 
 def _randomize(module: torch.nn.Module, std: float, seed: int) -> None:
@@ -55,10 +55,7 @@ def tiny(tmp_path_factory) -> Path:
         patch_size=2, in_channels=4 * Z, out_channels=Z, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=128, axes_dims_rope=(4, 6, 6),
     )  # fmt: skip
-    vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=Z, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-        latents_mean=[-0.3, 0.1, 0.4, -0.2], latents_std=[1.5, 0.8, 2.0, 1.2],
-    )  # fmt: skip
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=Z, dim_mult=[1, 2, 4, 4], num_res_blocks=1)
     text_encoder = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=1, num_key_value_heads=1, bos_token_id=None,
@@ -97,7 +94,7 @@ def test_pipeline_assembles_from_the_diffusers_folder(tiny) -> None:
     models = {slot: det.model for slot, det in pipe.detections.items() if slot != "tokenizer"}
     assert models == {"dit": "qwen-image-dit", "vae": "wan-vae", "text_encoder": "qwen2.5-vl-text"}
     assert type(pipe.tokenizer).__name__ == "Qwen2Tokenizer"
-    assert pipe.vae.config.latents_mean == pytest.approx((-0.3, 0.1, 0.4, -0.2))  # from vae/config.json
+    assert pipe.vae.config.latents_mean[:2] == pytest.approx((-0.7571, -0.7089))  # from vae/config.json
     choice = pipe.scheduler_choice
     assert (choice.name, choice.options["shift_terminal"], choice.options["max_image_seq_len"]) == ("flow-euler", 0.02, 8192)
 
@@ -197,3 +194,28 @@ def test_missing_components_are_reported_before_loading(tiny) -> None:
     pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
     with pytest.raises(difforge.ConfigError, match="multiple of 16"):
         pipe(PROMPT, height=72, width=SIZE, **QUIET)
+
+
+def test_single_files_in_any_order_give_the_same_image(tiny, tmp_path) -> None:
+    """ComfyUI-style files: the DiT behind model.diffusion_model., the VAE in Wan-AI's layout (as
+    qwen_image_vae.safetensors), the text encoder's folder; given in any order, routed by detection."""
+    from safetensors.torch import load_file, save_file
+
+    from difforge.loading.convert import convert_checkpoint
+
+    noise = _noise(3)
+    call = dict(height=SIZE, width=SIZE, num_inference_steps=2, latents=noise, output_type="np", **QUIET)
+    expected = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")(PROMPT, **call)
+
+    dit = tmp_path / "qwen_image_bf16.safetensors"
+    sd = {}
+    for shard in sorted((tiny / "transformer").glob("*.safetensors")):
+        sd.update(load_file(str(shard)))
+    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(dit))
+    vae = convert_checkpoint([str(tiny / "vae")], to_format="wan", output=tmp_path / "qwen_image_vae.safetensors")
+    pipe = Pipeline.from_pretrained(
+        "qwen-image", device="cpu", tokenizer_config=ModelConfig(path=str(tiny / "tokenizer")),
+        model_configs=[ModelConfig(path=str(vae)), ModelConfig(path=str(tiny / "text_encoder")), ModelConfig(path=str(dit))],
+    )  # fmt: skip
+    assert (pipe.detections["dit"].prefix, pipe.detections["vae"].format) == ("model.diffusion_model.", "wan")
+    assert np.abs(pipe(PROMPT, **call) - expected).max() < 1e-5
