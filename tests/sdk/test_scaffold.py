@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,8 @@ try:
 except ImportError:  # pragma: no cover
     importlib_metadata = None  # type: ignore[assignment]
 
-NAMES = {kind: f"sdkcheck-{kind}" for kind in KINDS}
+NAMES = {kind: f"sdkcheck-{kind}-{os.getpid()}" for kind in KINDS}
+"""Per-process names: test runs of several people at once install and uninstall only their own."""
 
 
 def _env() -> dict[str, str]:
@@ -34,8 +36,28 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=_env())
 
 
-def _uninstall() -> None:
-    _pip("uninstall", "-y", *(f"difforge-{n}" for n in NAMES.values()))
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers() -> list[str]:
+    """Scaffolded distributions of test runs that were interrupted (their process is gone)."""
+    found = []
+    for dist in importlib_metadata.distributions() if importlib_metadata is not None else ():
+        m = re.fullmatch(r"difforge-sdkcheck-[a-z]+-(\d+)", dist.metadata["Name"] or "")
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            found.append(m.group(0))
+    return found
+
+
+def _uninstall(*extra: str) -> None:
+    _pip("uninstall", "-y", *(f"difforge-{n}" for n in NAMES.values()), *extra)
     importlib.invalidate_caches()
     if importlib_metadata is not None:
         importlib_metadata.MetadataPathFinder.invalidate_caches()
@@ -73,7 +95,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
     """One package of each kind, pip-installed (editable) into this venv; uninstalled afterwards."""
     folder = tmp_path_factory.mktemp("scaffold")
     roots = {kind: scaffold(NAMES[kind], kind, folder) for kind in KINDS}
-    _uninstall()  # leftovers of an interrupted run
+    _uninstall(*_leftovers())  # and what interrupted runs left behind
     try:
         args = [a for root in roots.values() for a in ("-e", str(root))]
         done = _pip("install", "--no-deps", "--no-build-isolation", *args)

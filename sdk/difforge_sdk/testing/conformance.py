@@ -25,6 +25,8 @@ them. The checks, one test each (parametrised by format and backend name):
 - every checkpoint format of the model (its own, and every checkpoint ``ConverterSpec`` targeting it
   that has inverse maps) is written at tiny size, detected as this model in that format, and loaded
   by :func:`difforge.load_model` to identical weights;
+- a random LoRA in every LoRA format of the model (``ConverterSpec(kind="lora")`` with inverse maps)
+  loads strictly, fused and hot agree, and ``clear_lora`` restores every weight bit for bit;
 - with ``forward_inputs``: the output is finite and deterministic; agrees with the ``math`` reference
   under every installed attention backend that supports the model's calls (``attention_atol``,
   ``attention_rtol``); is bit-identical under every location offload backend and within
@@ -39,6 +41,7 @@ Assertion messages name the spec, format, key or backend at fault and say what t
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -67,10 +70,10 @@ from . import _probe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelConformance", "assert_light_entry_module", "conformance_registry", "hold_in_pipeline"]
+__all__ = ["ModelConformance", "assert_light_entry_module", "conformance_registry", "hold_in_pipeline", "random_lora"]
 
 MARK = "difforge_conformance"
-_FIXTURE_PARAMS = ("checkpoint_format", "attention_backend", "offload_backend", "cache_strategy")
+_FIXTURE_PARAMS = ("checkpoint_format", "lora_format", "attention_backend", "offload_backend", "cache_strategy")
 
 
 # ---------------------------------------------------------------- registries
@@ -124,9 +127,49 @@ def _params(name: str, registry: Any, model: str) -> list[Any]:
                 marks = (pytest.mark.skip(reason=reason),)
             out.append(pytest.param(fmt, id=fmt, marks=marks))
         return out
+    if name == "lora_format":
+        out = []
+        for conv in _lora_converters(registry, spec.name):
+            marks = ()
+            if conv.inverse_rename is None:
+                reason = f"LoRA converter {conv.name!r} has no inverse_rename, so LoRA files in its format cannot be written to test it"
+                marks = (pytest.mark.skip(reason=reason),)
+            out.append(pytest.param(conv.source_format, id=conv.source_format, marks=marks))
+        return out or [pytest.param(None, id="no-lora-converter")]
     table = {"attention_backend": registry.attention, "offload_backend": registry.offload, "cache_strategy": registry.caches}[name]
     names = [s.name for s in table if normalize_name(s.name) != _probe.NAME]
     return [pytest.param(n, id=n) for n in names] or [pytest.param(None, id="none-installed")]
+
+
+def _lora_converters(registry: Any, model: str) -> list[Any]:
+    """The LoRA converters targeting ``model``, one per source format."""
+    out: dict[str, Any] = {}
+    for conv in registry.converters:
+        if conv.kind == "lora" and normalize_name(conv.target_model) == normalize_name(model):
+            out.setdefault(normalize_name(conv.source_format), conv)
+    return list(out.values())
+
+
+def random_lora(module: nn.Module, converter: Any, *, seed: int = 0, rank: int = 2) -> dict[str, torch.Tensor]:
+    """A random LoRA (rank ``rank``) on every linear layer of ``module`` that ``converter``'s format can
+    express, in that format (own-layout groups through ``from_own``)."""
+    from difforge.errors import ConversionError
+    from difforge.lora.formats import from_own
+
+    g = torch.Generator().manual_seed(seed)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, layer in module.named_modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        n, k = layer.weight.shape
+        group = {"A": torch.randn(rank, k, generator=g) / k**0.5, "B": torch.randn(n, rank, generator=g) * 0.2,
+                 "alpha": torch.tensor(float(rank))}
+        try:
+            from_own({name: group}, converter)
+        except ConversionError:
+            continue  # a layer the format has no name for
+        groups[name] = group
+    return from_own(groups, converter) if groups else {}
 
 
 # ---------------------------------------------------------------- helpers
@@ -319,6 +362,13 @@ class Subject:
             return _detached(out), list(queries)
 
         return self._once("reference", make)
+
+    def maybe_inputs(self) -> dict[str, Any] | None:
+        """The inputs, or None when the test class defines no ``forward_inputs``."""
+        try:
+            return self.inputs
+        except pytest.skip.Exception:
+            return None
 
     def fresh_loaded(self) -> nn.Module:
         """The tiny model loaded from its own-format file by :func:`difforge.load_model` (fp32)."""
@@ -559,6 +609,44 @@ class ModelConformance:
             "The converter's transform and inverse_transform (and rename / inverse_rename) must undo each other exactly."
         )
 
+    def test_lora_format(self, subject: Subject, lora_format: str | None, tmp_path: Path) -> None:
+        """A random LoRA written in the format loads (strict), changes the weights when fused and
+        the output, agrees hot and fused, and ``clear_lora`` restores every weight bit for bit."""
+        spec = subject.spec
+        if lora_format is None:
+            pytest.skip(f"{spec.name} has no LoRA converter (ConverterSpec(kind='lora'))")
+        self._skip_if("lora", lora_format)
+        from difforge.lora.formats import save_lora
+
+        conv = {normalize_name(c.source_format): c for c in _lora_converters(difforge.get_registry(), spec.name)}[normalize_name(lora_format)]
+        module = subject.fresh_loaded()
+        tensors = random_lora(module, conv, seed=self.seed)
+        assert tensors, f"LoRA format {lora_format!r} ({conv.name}) cannot express a LoRA on any linear layer of {spec.name}"
+        path = save_lora(tensors, tmp_path / f"lora.{normalize_name(lora_format)}.safetensors", lora_format)
+        pipe = hold_in_pipeline(spec, module)
+        slot = next(iter(pipe.components))
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        what = f"{spec.name}: a random LoRA in format {lora_format!r} ({conv.name}, {len(tensors)} tensors)"
+        _or_fail(lambda: pipe.load_lora(str(path), fuse=True, target=slot), f"{what} does not load")
+        changed = [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed, f"{what}: fusing it changed no weight; the converter maps its keys to no module"
+        inputs = subject.maybe_inputs()
+        fused = _run(module, self.call, inputs, "math") if inputs is not None else None
+        pipe.clear_lora()
+        restored = [k for k, v in module.state_dict().items() if v.dtype != before[k].dtype or not torch.equal(v, before[k])]
+        assert not restored, f"{what}: after clear_lora() these weights differ from before: {_few(restored)}"
+        if inputs is None:
+            return
+        ref, _ = subject.reference
+        assert _first_difference(fused, ref) is not None, f"{what}: the fused LoRA does not change the output"
+        _or_fail(lambda: pipe.load_lora(str(path), fuse=False, target=slot), f"{what} does not load as hot LoRA")
+        hot = _run(module, self.call, inputs, "math")
+        pipe.clear_lora()
+        report = parity.compare(_detached(hot), _detached(fused), atol=self.attention_atol, rtol=self.attention_rtol, name=f"{what}: hot vs fused")
+        assert report.ok, str(report)
+        diff = _first_difference(_run(module, self.call, inputs, "math"), ref)
+        assert diff is None, f"{what}: after clear_lora() the output differs: {diff}"
+
     # -- outputs
 
     def test_forward_is_finite_and_deterministic(self, subject: Subject) -> None:
@@ -639,7 +727,7 @@ class ModelConformance:
         if not exact:
             pytest.skip(f"cache strategy {cache.name!r} has no threshold or interval option to make it compute every step")
         options = {**merge_options("cache strategy", cache.name, cache.options, exact), "family": spec.family}
-        module = subject.module
+        module = copy.deepcopy(subject.module)  # the shared one stays untouched whatever the cache does
         keys = list(module.state_dict())
         handle = resolve(cache.apply)(module, spec.layout, options)
         try:
