@@ -12,6 +12,7 @@ with its status and the reason.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -394,10 +395,16 @@ class PluginHost:
         return self._modules.get(normalize_name(name))
 
 
+@functools.lru_cache(maxsize=1)
+def _packages_distributions() -> dict[str, list[str]]:
+    """Top-level package -> distributions (scanning every installed distribution: slow, so once)."""
+    return dict(packages_distributions())
+
+
 def _distribution_of(module: ModuleType) -> tuple[str | None, str | None]:
     top = module.__name__.split(".")[0]
     try:
-        dists = packages_distributions().get(top) or []
+        dists = _packages_distributions().get(top) or []
     except Exception:  # pragma: no cover - broken metadata
         dists = []
     if not dists:
@@ -435,6 +442,7 @@ def reload_plugins(settings: PluginSettings | None = None, *, plugins: Iterable[
     """
     global _host
     with _lock:
+        _packages_distributions.cache_clear()  # distributions may have been installed since
         _host = PluginHost(settings, plugins=plugins)
         return _host
 
