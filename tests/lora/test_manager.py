@@ -15,7 +15,7 @@ from torch import nn
 
 import difforge
 from difforge import ConfigError, ConversionError
-from difforge.lora import HotLayer, LoraDelta, convert_lora, read_lora
+from difforge.lora import HotLayer, LoraDelta, convert_lora, lora_manager, read_lora
 from difforge.lora.layers import FusedWeight, make_delta
 
 from .conftest import CALL
@@ -60,12 +60,12 @@ def test_fused_and_hot_match_a_manual_merge(build, dit_lora):
     want = _manual(pipe, sd, "toy.", "dit", 0.7)(**CALL)
     for fuse in (True, False):
         name = pipe.load_lora(path, scale=0.7, fuse=fuse)
-        assert name == "style" and pipe._lora_manager.loras[name].fused is fuse
+        assert name == "style" and lora_manager(pipe).loras[name].fused is fuse
         assert torch.allclose(pipe(**CALL), want, atol=1e-5)
         pipe.clear_lora()
         assert torch.equal(pipe(**CALL), base)
     assert pipe.load_lora(path) == "style"  # fuse=None without offload: fused
-    assert pipe._lora_manager.loras["style"].fused
+    assert lora_manager(pipe).loras["style"].fused
 
 
 def test_clear_restores_bits_scales_and_several_loras(build, dit_lora, tmp_path):
@@ -110,7 +110,7 @@ def test_parts_format_lands_on_the_fused_qkv(build, tmp_path):
     want = _manual(pipe, fused, "toy.", "dit", 1.0)(**CALL)
     for fuse in (True, False):
         pipe.load_lora(write(parts, tmp_path / "parts.safetensors"), fuse=fuse)
-        assert pipe._lora_manager.loras["parts"].formats == {"dit": "toy-parts"}
+        assert lora_manager(pipe).loras["parts"].formats == {"dit": "toy-parts"}
         assert torch.allclose(pipe(**CALL), want, atol=1e-5)
         out = pipe.export_lora("parts", tmp_path / "again.safetensors", format="toy-parts")
         back = read_lora(out).tensors  # split back exactly (ranks 2 and 3); q's different scale folded in
@@ -121,7 +121,7 @@ def test_parts_format_lands_on_the_fused_qkv(build, tmp_path):
     # only q's rows: a row-range update (0:16 of 48)
     only_q = {k: v for k, v in parts.items() if ".to_q." in k}
     pipe.load_lora(write(only_q, tmp_path / "q.safetensors"), fuse=False)
-    delta = pipe._lora_manager.loras["q"].deltas["dit"]["blocks.0.attn.qkv"]
+    delta = lora_manager(pipe).loras["q"].deltas["dit"]["blocks.0.attn.qkv"]
     assert delta.rows == (0, dim)
     hot = pipe(**CALL)
     pipe.clear_lora()
@@ -168,7 +168,7 @@ def test_targets_names_and_strictness(build, dit_lora, tmp_path, caplog):
     both = write({**sd, **te}, tmp_path / "both.safetensors")
     with caplog.at_level(logging.WARNING, logger="difforge.lora"):
         pipe.load_lora(both)  # target="dit": the text encoder's part is left out, with a warning
-    assert "text_encoder (6 tensors)" in caplog.text and set(pipe._lora_manager.loras["both"].deltas) == {"dit"}
+    assert "text_encoder (6 tensors)" in caplog.text and set(lora_manager(pipe).loras["both"].deltas) == {"dit"}
     with pytest.raises(ConfigError, match="loaded already"):
         pipe.load_lora(both, name="both")
     assert pipe.load_lora(both, target="text_encoder") == "both-2"
@@ -206,7 +206,7 @@ def test_offload_and_fp8_use_hot_loras(build, dit_lora):
     want = plain(**CALL)
     pipe = build(offload="sequential")
     pipe.load_lora(path)  # fuse=None: hot under offload, bit-identical to hot without
-    assert not pipe._lora_manager.loras["style"].fused
+    assert not lora_manager(pipe).loras["style"].fused
     assert torch.equal(pipe(**CALL), want)
     with pytest.raises(ConfigError, match="streaming offload"):
         pipe.load_lora(path, fuse=True, name="f")

@@ -13,7 +13,9 @@ original weight tensors are kept (CPU weights: the same storage, no copy; accele
 copy), so clearing restores them bit for bit. *Hot* adds ``scale * B(A(x))`` to the layer's output
 from a removable forward hook; it works on fp8-stored and offloaded layers. ``fuse=None`` fuses
 unless an offload backend is active; ``fuse=True`` on fp8-stored or streamed (sequential/disk)
-weights is refused with a :class:`~difforge.ConfigError`.
+weights is refused with a :class:`~difforge.ConfigError`. Hot LoRAs survive ``pipe.set_offload``;
+clear fused ones before changing offload backends (a weight replaced under a fused LoRA is reported
+when it is cleared). ``lora_manager(pipe).loras`` lists what is loaded (:class:`LoadedLora`).
 """
 
 from __future__ import annotations

@@ -276,14 +276,22 @@ def convert_lora(
     lora = read_lora(source)
     targets = models or sorted({c.target_model for c in lora_converters()})
     out: dict[str, Any] = {}
+    claimed: set[str] = set()
     for target, conv in match_converters(lora, targets).items():
-        groups, _ = to_own(lora, conv)
+        groups, keys = to_own(lora, conv)
+        claimed.update(keys)
         for key, value in from_own(groups, export_converter(target, to_format), f"LoRA {lora.label}").items():
             if key in out:
                 raise ConversionError(
                     f"LoRA {lora.label}: two models' tensors are written to {key!r} in format {to_format!r}"
                 )
             out[key] = value
+    unknown = [k for k in lora.tensors if k not in claimed]
+    if unknown:
+        raise ConversionError(
+            f"LoRA {lora.label}: {len(unknown)} key(s) no converter understands ({', '.join(unknown[:8])}"
+            f"{' ...' if len(unknown) > 8 else ''}); nothing was written"
+        )
     path = save_lora(out, output, to_format)
     log.info("wrote %s (%s LoRA, %d tensors)", path, to_format, len(out))
     return path

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import difforge
 from difforge import Pipeline
+from difforge.lora import lora_manager
 from difforge_sdk.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
@@ -176,7 +177,7 @@ def test_diffusers_lora_matches_diffusers(tiny, expected, fuse):
     assert _diff(base, expected["base"]) < 1e-3
     assert _diff(expected["lora"], expected["base"]) > 1e-2  # the LoRA matters
     name = pipe.load_lora(str(tiny["lora"]), fuse=fuse, target="all")
-    entry = pipe._lora_manager.loras[name]
+    entry = lora_manager(pipe).loras[name]
     assert entry.fused is fuse and entry.formats == {"dit": "diffusers", "text_encoder": "diffusers"}
     assert _diff(_run(pipe, tiny), expected["lora"]) < 1e-3
     pipe.clear_lora()
@@ -219,7 +220,7 @@ def test_layouts_from_our_inverse_maps_give_the_same_image(tiny, expected, tmp_p
             assert _diff(_reference(tiny, (path, 1.0)), expected["lora"]) < 1e-3
         for fuse in (True, False):
             other.load_lora(path, target="all", fuse=fuse, name=fmt)
-            assert other._lora_manager.loras[fmt].formats["dit"] == fmt
+            assert lora_manager(other).loras[fmt].formats["dit"] == fmt
             assert _diff(_run(other, tiny), want[target]) < 1e-5, (fmt, fuse)
             other.clear_lora()
     with pytest.raises(difforge.ConversionError, match="formats available for it"):
@@ -247,7 +248,7 @@ def test_kohya_diffusers_names_match_diffusers(tiny, tmp_path):
     assert _diff(_reference(tiny, (path, 1.0)), want) < 1e-3
     pipe = _pipe(tiny)
     pipe.load_lora(path)
-    assert pipe._lora_manager.loras["kohya_diffusers"].formats == {"dit": "kohya"}
+    assert lora_manager(pipe).loras["kohya_diffusers"].formats == {"dit": "kohya"}
     assert _diff(_run(pipe, tiny), want) < 1e-3
 
 
@@ -305,7 +306,7 @@ def test_text_encoder_parts_in_kohya_and_comfyui_names(tiny, tmp_path):
     pipe = _pipe(tiny)
     base = _run(pipe, tiny)
     pipe.load_lora(path, target="all", fuse=True)
-    entry = pipe._lora_manager.loras["te"]
+    entry = lora_manager(pipe).loras["te"]
     assert entry.formats == {"dit": "kohya", "text_encoder": "kohya", "text_encoder_2": "comfyui"}
     fused = _run(pipe, tiny)
     assert _diff(fused, base) > 1e-3
@@ -359,7 +360,7 @@ def test_strict_lists_unknown_and_mismatched_keys(tiny, tmp_path, caplog):
     pipe = _pipe(tiny)
     with pytest.raises(difforge.ConversionError, match=r"something_else(.|\n)*double_blocks\.7\.img_attn\.qkv"):
         pipe.load_lora(path, target="all")
-    assert not pipe._lora_manager.loras
+    assert not lora_manager(pipe).loras
     with caplog.at_level(logging.WARNING, logger="difforge.lora"):
         pipe.load_lora(path, target="all", strict=False)
     assert "skipped 1 unknown key(s) and 1 mismatched module(s)" in caplog.text
@@ -372,7 +373,7 @@ def test_fp8_and_offload_use_hot_loras(tiny):
     with pytest.raises(difforge.ConfigError, match="fp8|float8|streaming"):
         pipe.load_lora(tiny["lora"], fuse=True)
     pipe.load_lora(tiny["lora"], target="all")  # fuse=None: hot under offload
-    assert not pipe._lora_manager.loras["lora"].fused
+    assert not lora_manager(pipe).loras["lora"].fused
     out = _run(pipe, tiny)
     assert _diff(out, base) > 1e-2
     pipe.clear_lora()
