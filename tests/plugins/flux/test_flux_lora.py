@@ -252,6 +252,35 @@ def test_kohya_diffusers_names_match_diffusers(tiny, tmp_path):
     assert _diff(_run(pipe, tiny), want) < 1e-3
 
 
+def test_diffsynth_names_from_its_own_table(tiny):
+    """DiffSynth-Studio's module names (from its ``FluxDiTStateDictConverter`` table, not our map) with
+    ``.default`` adapter names and no alpha (its loader applies none: folded into lora_B here)."""
+    from difforge.lora import read_lora
+
+    src = read_lora(tiny["lora"]).tensors  # the PEFT alphas are keys here
+    table = {
+        "transformer_blocks.0.ff.net.0.proj": "blocks.0.ff_a.0",
+        "transformer_blocks.0.norm1_context.linear": "blocks.0.norm1_b.linear",
+        "single_transformer_blocks.1.proj_out": "single_blocks.1.proj_out",
+        "norm_out.linear": "final_norm_out.linear",  # (scale, shift), as diffusers
+        "time_text_embed.text_embedder.linear_1": "pooled_text_embedder.0",
+    }
+    peft, diffsynth = {}, {}
+    for theirs, ds in table.items():
+        A, B = src[f"transformer.{theirs}.lora_A.weight"], src[f"transformer.{theirs}.lora_B.weight"]
+        alpha = src[f"transformer.{theirs}.alpha"]
+        peft.update({f"transformer.{theirs}.lora_A.weight": A, f"transformer.{theirs}.lora_B.weight": B,
+                     f"transformer.{theirs}.alpha": alpha})
+        diffsynth.update({f"{ds}.lora_A.default.weight": A, f"{ds}.lora_B.default.weight": B * float(alpha) / A.shape[0]})
+    pipe = _pipe(tiny)
+    pipe.load_lora(peft, name="peft", fuse=False)
+    want = _run(pipe, tiny)
+    pipe.clear_lora()
+    pipe.load_lora(diffsynth, name="ds")
+    assert lora_manager(pipe).loras["ds"].formats == {"dit": "diffsynth"}
+    assert _diff(_run(pipe, tiny), want) < 1e-5
+
+
 def test_kohya_layout_matches_diffusers(tiny, tmp_path):
     """A LoRA on the double blocks written in sd-scripts' layout (``lora_unet_double_blocks_0_img_attn_qkv``,
     q/k/v merged block-diagonally, alphas) by our inverse map: diffusers' kohya reader splits it back and
