@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from .._names import normalize_name
 from ..errors import ConfigError, ConversionError
 from .formats import LoraFile, export_converter, from_own, match_converters, read_lora, save_lora, to_own
 from .layers import FusedWeight, HotLayer, LoraDelta, fuse_problem, make_delta
@@ -124,7 +125,7 @@ class LoraManager:
         for model_name, conv in converters.items():
             groups, keys = to_own(lora, conv)
             claimed.update(keys)
-            for slot in (s for s, (_, m) in models.items() if _norm(m) == _norm(model_name)):
+            for slot in (s for s, (_, m) in models.items() if normalize_name(m) == normalize_name(model_name)):
                 if slots is not None and slot not in slots:
                     skipped_slots[slot] = len(keys)
                     continue
@@ -292,9 +293,3 @@ class LoraManager:
         written = save_lora(out, path, format)
         log.info("LoRA %r exported to %s (%s, %d tensors)", name, written, format, len(out))
         return written
-
-
-def _norm(name: str) -> str:
-    from .._names import normalize_name
-
-    return normalize_name(name)
