@@ -98,9 +98,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .loading.convert import convert_checkpoint
+    if args.lora:
+        from .lora.formats import convert_lora
 
-    out = convert_checkpoint(args.input, to_format=args.to, output=args.output)
+        source = args.input[0] if len(args.input) == 1 else args.input
+        out = convert_lora(source, to_format=args.to, output=args.output)
+    else:
+        from .loading.convert import convert_checkpoint
+
+        out = convert_checkpoint(args.input, to_format=args.to, output=args.output)
     logging.getLogger("difforge").info("wrote %s", out)
     print(out)
     return 0
@@ -228,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="write a checkpoint in another registered format (safetensors)")
     p.add_argument("input", nargs="+")
-    p.add_argument("--to", required=True, help="target format, e.g. diffusers, bfl, comfyui")
+    p.add_argument("--to", required=True, help="target format, e.g. diffusers, bfl, comfyui (LoRA: kohya, xlabs, ...)")
+    p.add_argument("--lora", action="store_true", help="the input is a LoRA file, not a model checkpoint")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_convert)
 

@@ -262,3 +262,14 @@ def test_conv_lora_fused_and_hot_agree():
     fused.set("l", None)
     assert torch.equal(model[0].weight, original)
     assert isinstance(make_delta(model, "0", {"A": torch.zeros(2, 3, 5, 5), "B": torch.zeros(6, 2)}), str)
+
+
+def test_cli_converts_a_lora_file(build, tmp_path):
+    """`difforge convert --lora` rewrites a LoRA in another registered layout without a model."""
+    from difforge.cli import main
+
+    pipe = build()
+    qkv = write(random_lora(pipe.components["dit"], ["blocks.0.attn.qkv"], "toy.", seed=4), tmp_path / "qkv.safetensors")
+    out = tmp_path / "parts.safetensors"
+    assert main(["convert", "--lora", str(qkv), "--to", "toy-parts", "-o", str(out)]) == 0
+    assert "parts.blocks.0.attn.to_k.lora_down.weight" in read_lora(out).tensors
