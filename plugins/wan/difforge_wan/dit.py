@@ -284,7 +284,7 @@ class WanDiT(nn.Module):
             raise ConfigError(f"WanDiT: latent size {(f, h, w)} is not a multiple of the patch size {(pt, ph, pw)}")
         grid = (f // pt, h // ph, w // pw)
         rope = self.rope(grid, x.device)
-        x = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, dim]
+        x = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # [B, L, dim]
         e, e0 = self.time_modulation(timestep, x.shape[1])
         context = self.text_embedding(context)
         for block in self.blocks:
