@@ -7,6 +7,9 @@ references:
   ``transformer/`` layout, 9 shards); ComfyUI's repackaged single files are the same keys behind
   ``model.diffusion_model.``, which the core strips.
 
+LoRA converters (:mod:`.lora`, ``kind="lora"``) of the DiT: ``diffusers`` (diffusers/PEFT, ComfyUI,
+DiffSynth-Studio: diffusers module names behind any prefix) and ``kohya`` (``lora_unet_transformer_blocks_0_...``).
+
 The VAE is difforge-wan's ``wan-vae`` (:class:`difforge_wan.vae.WanVAE`): Qwen-Image's VAE is the
 Wan 2.1 causal-3D VAE used on single frames, with the same keys, shapes and per-channel latent
 statistics, so its ``vae/`` (diffusers ``AutoencoderKLQwenImage``, through the ``wan-vae-diffusers``
@@ -22,11 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from difforge import BlockGroup, BlockLayout, ModelSpec, PipelineSpec, SlotSpec, SourceSpec, hookimpl
+from difforge import BlockGroup, BlockLayout, ConverterSpec, ModelSpec, PipelineSpec, SlotSpec, SourceSpec, hookimpl
 
 difforge_api = ">=1,<2"
 
 DIT = "difforge_qwen_image.dit"
+LORA = "difforge_qwen_image.lora"
 
 DIT_FINGERPRINTS = {
     "412483348226e61c4081c07f33b20ad3": "Qwen-Image",  # transformer/ (9 shards); ComfyUI qwen_image_*.safetensors
@@ -101,3 +105,22 @@ def difforge_register_models() -> Iterator[ModelSpec | PipelineSpec]:
         component_order=("text_encoder", "dit", "vae"),
         description="Qwen-Image text-to-image and image-to-image (true CFG, recommended sizes 1328x1328 ... 1664x928)",
     )
+
+
+@hookimpl
+def difforge_register_converters() -> Iterator[ConverterSpec]:
+    for fmt, example in (
+        ("diffusers", "transformer.transformer_blocks.0.attn.to_q.lora_A.weight; diffusion_model. (ComfyUI) or no "
+                      "prefix (DiffSynth-Studio), lora_A/lora_down"),
+        ("kohya", "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight + .alpha"),
+    ):
+        yield ConverterSpec(
+            name=f"qwen-image-dit-lora-{fmt}",
+            source_format=fmt,
+            target_model="qwen-image-dit",
+            detect=f"{LORA}:is_{fmt}",
+            rename=f"{LORA}:rename_{fmt}",
+            inverse_rename=f"{LORA}:inverse_{fmt}",
+            kind="lora",
+            description=f"Qwen-Image DiT LoRA, {fmt}: {example}",
+        )

@@ -1,7 +1,7 @@
 """The whole Qwen-Image pipeline against diffusers' QwenImagePipeline / QwenImageImg2ImgPipeline on tiny weights.
 
-A tiny diffusers pipeline (random transformer, Wan-style VAE, Qwen2.5-VL text model, a locally trained
-Qwen2 tokenizer, Qwen-Image's scheduler config) is saved with ``save_pretrained``; difforge assembles
+A tiny diffusers pipeline (conftest's ``tiny``: random transformer, Wan-style VAE, Qwen2.5-VL text model,
+a locally trained Qwen2 tokenizer, Qwen-Image's scheduler config) is saved with ``save_pretrained``; difforge assembles
 the same weights from that folder (the VAE through difforge-wan), and both sides denoise the same
 initial noise with true CFG on: ``output_type="np"`` agrees to 1e-3.
 """
@@ -17,7 +17,6 @@ import torch
 
 import difforge
 from difforge import ModelConfig, Pipeline
-from difforge_sdk.tiny_tokenizers import write_qwen2_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -26,52 +25,7 @@ QUIET = {"progress_bar_cmd": lambda x: x}
 PROMPT = "a cat holding a sign that says hello world"
 NEGATIVE = "blurry, low quality"
 SIZE = 64  # pixels; latent 8x8, 16 packed tokens
-Z = 16  # latent channels of the tiny VAE, with Qwen-Image's statistics (a Wan-layout file carries none)
-
-
-def _randomize(module: torch.nn.Module, std: float, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("gamma"):  # the VAE's RMS norm scales: around 1
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (std if p.dim() > 1 else 0.1))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-
-    folder = tmp_path_factory.mktemp("qwen-image")
-    tok = transformers.AutoTokenizer.from_pretrained(write_qwen2_tokenizer(folder / "_tok"))
-    torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * Z, out_channels=Z, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=128, axes_dims_rope=(4, 6, 6),
-    )  # fmt: skip
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=Z, dim_mult=[1, 2, 4, 4], num_res_blocks=1)
-    text_encoder = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=1, num_key_value_heads=1, bos_token_id=None,
-                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>")),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=128),
-    ))  # fmt: skip
-    _randomize(transformer, 0.3, 0)
-    _randomize(vae, 0.15, 1)
-    _randomize(text_encoder, 0.05, 2)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0, shift_terminal=0.02,
-        time_shift_type="exponential", use_dynamic_shifting=True,
-    )  # fmt: skip
-    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
-    pipe.save_pretrained(folder / "diffusers")
-    return folder / "diffusers"
+Z = 16  # latent channels of conftest's tiny VAE
 
 
 def _noise(seed: int = 0) -> torch.Tensor:
