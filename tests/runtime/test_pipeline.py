@@ -465,3 +465,14 @@ def test_offload_applied_in_order_and_removable(toy_files):
     pipe.set_offload([])
     with pytest.raises(difforge.UnknownNameError):
         pipe.set_offload("dsk")
+
+
+def test_cli_generate_from_a_diffusers_folder(tmp_path, monkeypatch):
+    from difforge.cli import main
+
+    folder = write_toy_diffusers_folder(tmp_path / "toy-diffusers")
+    monkeypatch.setenv("DIFFORGE_PLUGINS", "difforge_sdk.toy")
+    difforge.reload_plugins()
+    out = tmp_path / "folder.png"
+    args = ["generate", "toy", "--prompt", "a cat", "--steps", "2", "--device", "cpu", "--model", str(folder), "-o", str(out)]
+    assert main(args) == 0 and out.is_file()

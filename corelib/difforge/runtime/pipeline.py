@@ -166,6 +166,13 @@ class Pipeline:
         _check_names(registry, spec, scheduler_choice, attention_choice, cache_choice, offload_choices)
 
         folder_scheduler = None
+        if (
+            isinstance(model_configs, (list, tuple))
+            and len(model_configs) == 1
+            and isinstance(model_configs[0], (str, os.PathLike))
+            and assembly.is_diffusers_folder(model_configs[0])
+        ):  # [folder], as the CLI's --model gives it
+            model_configs = model_configs[0]
         if model_configs is None:
             configs = assembly.source_configs(spec)
         elif isinstance(model_configs, (str, os.PathLike)) and assembly.is_diffusers_folder(model_configs):
