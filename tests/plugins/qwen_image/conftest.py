@@ -38,6 +38,15 @@ TINY_DIT = dict(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> Any:
+    """Tiny models on a shared machine: more threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def qwen_registry() -> Any:
     """The built-in plugin and difforge-qwen-image with its dependencies (difforge-text-encoders, difforge-wan)
