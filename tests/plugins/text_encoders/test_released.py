@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from difforge_sdk.sparse import write_sparse_safetensors
 
 import difforge
 import difforge_text_encoders as te
@@ -107,20 +108,7 @@ def test_wan_umt5_fingerprint() -> None:
 
 
 def _sparse_safetensors(path: Path, shapes: Mapping[str, Sequence[int]], dtype: str = "BF16") -> Path:
-    """A real safetensors header over a sparse file of the full size (no data is ever written)."""
-    header, offset = {}, 0
-    for key in sorted(shapes):
-        n = 2
-        for d in shapes[key]:
-            n *= d
-        header[key] = {"dtype": dtype, "shape": list(shapes[key]), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        f.truncate(8 + len(blob) + offset)
-    return path
+    return write_sparse_safetensors(path, shapes, dtype)
 
 
 def test_flux_text_encoder_folders_detected_by_fingerprint(registry, tmp_path: Path) -> None:

@@ -3,15 +3,14 @@ our models (Wan-AI layout), and a writer for header-only sparse safetensors file
 
 from __future__ import annotations
 
-import json
-import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from difforge_sdk.sparse import write_sharded_sparse, write_sparse_safetensors
 
 import difforge
 import difforge_wan
@@ -97,44 +96,7 @@ def vae_pair(request: pytest.FixtureRequest) -> VAEPair:
 # ---------------------------------------------------------------- files
 
 
-def _header(shapes: Mapping[str, Sequence[int]], dtype: str, itemsize: int) -> tuple[bytes, int]:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key in sorted(shapes):
-        size = itemsize
-        for d in shapes[key]:
-            size *= d
-        header[key] = {"dtype": dtype, "shape": list(shapes[key]), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, offset
-
-
-def write_sparse(path: Path, shapes: Mapping[str, Sequence[int]], dtype: str = "BF16") -> Path:
-    """A safetensors file with the real names and shapes whose data is a hole (``truncate``)."""
-    head, size = _header(shapes, dtype, {"BF16": 2, "F16": 2, "F32": 4}[dtype])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(len(head) + size)
-    return path
-
-
-def write_sharded_sparse(folder: Path, shapes: Mapping[str, Sequence[int]], shards: int, config: Mapping[str, Any]) -> Path:
-    """A diffusers component folder: ``config.json``, sparse shards and their index."""
-    keys = sorted(shapes)
-    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
-    weight_map = {}
-    for i, name in enumerate(names):
-        part = keys[i * len(keys) // shards : (i + 1) * len(keys) // shards]
-        write_sparse(folder / name, {k: shapes[k] for k in part})
-        weight_map.update(dict.fromkeys(part, name))
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-    (folder / "config.json").write_text(json.dumps(dict(config)))
-    return folder
+write_sparse = write_sparse_safetensors
 
 
 @pytest.fixture
