@@ -194,6 +194,7 @@ class PluginHost:
         self._modules: dict[str, Any] = {}
         self._registry: Registry | None = None
         self.pm.hook.difforge_addhooks.call_historic(kwargs={"pluginmanager": self.pm})
+        _packages_distributions.cache_clear()  # once per discovery: distributions may have been installed since
         self._load(list(plugins))
 
     # -- loading
@@ -442,7 +443,6 @@ def reload_plugins(settings: PluginSettings | None = None, *, plugins: Iterable[
     """
     global _host
     with _lock:
-        _packages_distributions.cache_clear()  # distributions may have been installed since
         _host = PluginHost(settings, plugins=plugins)
         return _host
 
