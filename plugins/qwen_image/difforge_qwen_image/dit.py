@@ -37,7 +37,8 @@ from difforge.ops import attention
 
 Shapes = Mapping[str, Sequence[int]]
 Rope = tuple[torch.Tensor, torch.Tensor]
-"""Rotations ``exp(i * angle)`` (complex64) of the image and text tokens: ``[1, 1, N, D/2]``, ``[1, 1, L, D/2]``."""
+"""Rotations ``exp(i * angle)`` (complex64) of the image and text tokens: ``[1, N, 1, D/2]``, ``[1, L, 1, D/2]``
+(heads are ``[B, N, H, D]`` while they are normed and rotated)."""
 
 
 @dataclass(frozen=True)
@@ -102,11 +103,11 @@ def msrope(height: int, width: int, text_len: int, axes_dim: Sequence[int], thet
     start = max(height // 2, width // 2)
     text_pos = torch.arange(start, start + text_len, device=device)
     txt = torch.cat([_axis_rotations(text_pos, d, theta) for d in axes_dim], dim=-1)
-    return img[None, None], txt[None, None]
+    return img[None, :, None], txt[None, :, None]
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate the consecutive channel pairs ``(x[2j], x[2j+1])`` of ``x [B, H, N, D]``, in float32."""
+    """Rotate the consecutive channel pairs ``(x[2j], x[2j+1])`` of ``x [B, N, H, D]``, in float32."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
 
@@ -186,8 +187,8 @@ class FeedForward(nn.Module):
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``[B, N, H * D]`` -> ``[B, H, N, D]``."""
-    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+    """``[B, N, H * D]`` -> ``[B, N, H, D]`` (a view: norms and RoPE run on contiguous heads)."""
+    return x.unflatten(-1, (-1, head_dim))
 
 
 class JointAttention(nn.Module):
@@ -212,12 +213,12 @@ class JointAttention(nn.Module):
         img_k = apply_rope(self.norm_k(_heads(self.to_k(img), d)), img_rot)
         txt_q = apply_rope(self.norm_added_q(_heads(self.add_q_proj(txt), d)), txt_rot)
         txt_k = apply_rope(self.norm_added_k(_heads(self.add_k_proj(txt), d)), txt_rot)
-        q = torch.cat((txt_q, img_q), dim=2)
-        k = torch.cat((txt_k, img_k), dim=2)
-        v = torch.cat((_heads(self.add_v_proj(txt), d), _heads(self.to_v(img), d)), dim=2)
+        q = torch.cat((txt_q, img_q), dim=1).transpose(1, 2)  # [B, H, L + N, D]
+        k = torch.cat((txt_k, img_k), dim=1).transpose(1, 2)
+        v = torch.cat((_heads(self.add_v_proj(txt), d), _heads(self.to_v(img), d)), dim=1).transpose(1, 2)
         out = attention(q, k, v, mask=mask).transpose(1, 2).flatten(2)
-        n = txt.shape[1]
-        return self.to_out[0](out[:, n:]), self.to_add_out(out[:, :n])
+        n = txt.shape[1]  # contiguous slices: the projections then add their bias in the matmul (addmm)
+        return self.to_out[0](out[:, n:].contiguous()), self.to_add_out(out[:, :n].contiguous())
 
 
 def _modulation(dim: int) -> nn.Sequential:

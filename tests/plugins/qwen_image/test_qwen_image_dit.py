@@ -69,11 +69,11 @@ def test_prompts_of_different_lengths_in_one_batch(dit_pair) -> None:
 def test_msrope_positions() -> None:
     """Centred image rows/columns, frame 0; text on the diagonal after max(h//2, w//2)."""
     img, txt = msrope(3, 4, 2, (2, 2, 2), 10_000, torch.device("cpu"))
-    angles = torch.angle(img[0, 0])  # [12, 3]: frequency 1 for the first pair of every axis
+    angles = torch.angle(img[0, :, 0])  # [12, 3]: frequency 1 for the first pair of every axis
     assert torch.allclose(angles[:, 0], torch.zeros(12))
     assert angles[:, 1].round().tolist() == [-2.0] * 4 + [-1.0] * 4 + [0.0] * 4  # rows -2..0 (3 rows)
     assert angles[:4, 2].round().tolist() == [-2.0, -1.0, 0.0, 1.0]  # columns -2..1
-    assert torch.angle(txt[0, 0]).round().tolist() == [[2.0] * 3, [3.0] * 3]  # max(3 // 2, 4 // 2) = 2
+    assert torch.angle(txt[0, :, 0]).round().tolist() == [[2.0] * 3, [3.0] * 3]  # max(3 // 2, 4 // 2) = 2
 
 
 def test_blocks_follow_the_layout(dit_pair) -> None:
