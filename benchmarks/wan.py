@@ -23,8 +23,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import torch
 import diffusers
 from difforge_wan.convert import dit_from_diffusers
 from difforge_wan.dit import WanDiT, WanDiTConfig
+from harness import alternate  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WIDTH = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096, freq_dim=256,
@@ -52,37 +51,6 @@ def build(blocks: int, dtype: torch.dtype, device: str) -> tuple[torch.nn.Module
         ours = WanDiT(WanDiTConfig(num_layers=blocks))
     ours.load_state_dict(sd, assign=True)
     return ref, ours.eval().requires_grad_(False)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def alternate(
-    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: str
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Run every function ``warmup`` times, then ``rounds`` times each, alternating (order flips each round).
-
-    Returns the wall-clock and the process CPU times of each run. On a shared CPU the CPU time is the
-    steadier measure (other processes stretch wall time); on a GPU only wall time means anything.
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    sync(device)
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            sync(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fns[name]()
-            sync(device)
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return wall, cpu
 
 
 def run(dtype_name: str, timesteps: str, args: argparse.Namespace) -> dict[str, Any]:
