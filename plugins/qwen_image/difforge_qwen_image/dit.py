@@ -213,9 +213,10 @@ class JointAttention(nn.Module):
         img_k = apply_rope(self.norm_k(_heads(self.to_k(img), d)), img_rot)
         txt_q = apply_rope(self.norm_added_q(_heads(self.add_q_proj(txt), d)), txt_rot)
         txt_k = apply_rope(self.norm_added_k(_heads(self.add_k_proj(txt), d)), txt_rot)
-        q = torch.cat((txt_q, img_q), dim=1).transpose(1, 2)  # [B, H, L + N, D]
-        k = torch.cat((txt_k, img_k), dim=1).transpose(1, 2)
-        v = torch.cat((_heads(self.add_v_proj(txt), d), _heads(self.to_v(img), d)), dim=1).transpose(1, 2)
+        txt_v, img_v = _heads(self.add_v_proj(txt), d), _heads(self.to_v(img), d)
+        # joined as contiguous [B, H, L + N, D] (the copy cat makes anyway): attention kernels prefer it
+        q, k, v = (torch.cat((t.transpose(1, 2), i.transpose(1, 2)), dim=2)
+                   for t, i in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))  # fmt: skip
         out = attention(q, k, v, mask=mask).transpose(1, 2).flatten(2)
         n = txt.shape[1]  # contiguous slices: the projections then add their bias in the matmul (addmm)
         return self.to_out[0](out[:, n:].contiguous()), self.to_add_out(out[:, :n].contiguous())

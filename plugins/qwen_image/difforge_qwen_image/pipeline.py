@@ -59,6 +59,9 @@ class QwenImagePipeline(Pipeline):
     DiffSynth, by ``WanVAE.tiled_decode``; ``input_image`` is encoded whole). Height and width are
     multiples of 16; Qwen-Image was trained at the :data:`RECOMMENDED_SIZES` (1328x1328, 1664x928,
     928x1664, 1472x1104, 1104x1472).
+
+    ``prompt_embeds=`` / ``negative_prompt_embeds=`` take what :meth:`encode_prompt` returns:
+    ``{"txt": [B, L, 3584], "txt_mask": [B, L]}`` (the mask may be left out when nothing is padded).
     """
 
     spatial_multiple = 16

@@ -173,3 +173,12 @@ def test_single_files_in_any_order_give_the_same_image(tiny, tmp_path) -> None:
     )  # fmt: skip
     assert (pipe.detections["dit"].prefix, pipe.detections["vae"].format) == ("model.diffusion_model.", "wan")
     assert np.abs(pipe(PROMPT, **call) - expected).max() < 1e-5
+
+
+def test_prompt_embeds_give_the_same_image(tiny) -> None:
+    pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
+    call = dict(height=SIZE, width=SIZE, num_inference_steps=2, latents=_noise(6), output_type="np", **QUIET)
+    expected = pipe(PROMPT, negative_prompt=NEGATIVE, **call)
+    embeds, negative = pipe.encode_prompt([PROMPT]), pipe.encode_prompt([NEGATIVE])
+    assert set(embeds) == {"txt", "txt_mask"} and embeds["txt"].shape[-1] == 128
+    assert np.array_equal(pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **call), expected)
