@@ -75,6 +75,9 @@ def released_fingerprints() -> dict[tuple[str, str], str]:
     return {(model, variant): fingerprint_shapes(released_shapes(model, variant)) for model, variant in RELEASES}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m <module>: the fingerprints to paste into the entry module
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     for (model, variant), fp in released_fingerprints().items():
-        print(f"{model:16} {variant:16} {fp}")  # noqa: T201 - a developer script's output
+        logging.getLogger(__name__).info(f"{model:16} {variant:16} {fp}")

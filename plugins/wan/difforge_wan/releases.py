@@ -68,6 +68,9 @@ def released_fingerprints() -> dict[tuple[str, str, str], str]:
     }
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m <module>: the fingerprints to paste into the entry module
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     for (model, variant, layout), fp in released_fingerprints().items():
-        print(f"{model:8} {variant:16} {layout:10} {fp}")  # noqa: T201 - a developer script's output
+        logging.getLogger(__name__).info(f"{model:8} {variant:16} {layout:10} {fp}")
