@@ -476,3 +476,14 @@ def test_cli_generate_from_a_diffusers_folder(tmp_path, monkeypatch):
     out = tmp_path / "folder.png"
     args = ["generate", "toy", "--prompt", "a cat", "--steps", "2", "--device", "cpu", "--model", str(folder), "-o", str(out)]
     assert main(args) == 0 and out.is_file()
+
+
+def test_variant_is_the_denoisers(toy_files):
+    """Encoders are shared between releases: only the DiT's fingerprint names the release."""
+    import dataclasses
+
+    pipe = _build(toy_files)
+    assert pipe.variant == "Toy-1"
+    pipe.detections["text_encoder"] = dataclasses.replace(pipe.detections["text_encoder"], variant="Shared-Encoder")
+    pipe.detections["dit"] = dataclasses.replace(pipe.detections["dit"], variant=None)
+    assert pipe.variant is None

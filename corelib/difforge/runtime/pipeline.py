@@ -122,11 +122,15 @@ class Pipeline:
 
     @property
     def variant(self) -> str | None:
-        """The released model the main component matched by fingerprint (None for fine-tunes)."""
-        for slot in self.spec.component_order or self.components:
-            v = getattr(self.detections.get(slot), "variant", None)
-            if v:
-                return v
+        """The release the denoiser (the ``dit`` role) matched by fingerprint; None for fine-tunes.
+
+        Encoders and VAEs are shared between releases (FLUX.1-dev and -schnell ship the same T5),
+        so only the denoiser says which release this is.
+        """
+        for slot in self.components:
+            spec = self._model_spec(slot)
+            if spec is not None and spec.role == "dit":
+                return getattr(self.detections.get(slot), "variant", None)
         return None
 
     def models(self) -> dict[str, torch.nn.Module]:
