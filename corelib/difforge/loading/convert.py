@@ -304,6 +304,34 @@ class _Group:
 # ---------------------------------------------------------------- writing other formats
 
 
+def to_foreign_layout(
+    tensors: Mapping[str, Any],
+    inverse_rename: Any,
+    inverse_transform: Any = None,
+    *,
+    name: str = "converter",
+    strict: bool = False,
+) -> dict[str, Any]:
+    """A state dict in a model's own layout -> a converter's source layout (``inverse_transform``,
+    then ``inverse_rename``; lazy references allowed). Works on meta tensors, so plugins use it to
+    build the key sets of released checkpoints. ``strict``: a key without a name there is an error
+    instead of being dropped."""
+    if inverse_transform is not None:
+        tensors = resolve(inverse_transform)(dict(tensors))
+    inverse = resolve(inverse_rename)
+    out: dict[str, Any] = {}
+    for key, value in tensors.items():
+        new = inverse(key)
+        if new is None:
+            if strict:
+                raise ConversionError(f"{name}: no name in the target layout for {key!r}")
+            continue
+        if new in out:
+            raise ConversionError(f"{name}: two keys map back to {new!r}")
+        out[new] = value
+    return out
+
+
 def convert_checkpoint(inputs: PathArg | Sequence[PathArg], to_format: str, output: PathArg) -> Path:
     """Write the checkpoint ``inputs`` (file, shards, folder) as one safetensors file in format
     ``to_format`` (the model's own format, or the ``source_format`` of a checkpoint converter
@@ -330,18 +358,9 @@ def convert_checkpoint(inputs: PathArg | Sequence[PathArg], to_format: str, outp
         own = own_state_dict(ckpt, detection)
         tensors = {k: own[k] for k in own}
         if converter is not None:
-            if converter.inverse_transform is not None:
-                tensors = resolve(converter.inverse_transform)(tensors)
-            renamed: dict[str, Any] = {}
-            inverse = resolve(converter.inverse_rename)
-            for key, value in tensors.items():
-                new = inverse(key)
-                if new is None:
-                    continue
-                if new in renamed:
-                    raise ConversionError(f"converter {converter.name!r}: two keys map back to {new!r}")
-                renamed[new] = value
-            tensors = renamed
+            tensors = to_foreign_layout(
+                tensors, converter.inverse_rename, converter.inverse_transform, name=converter.name
+            )
         out = Path(os.fspath(output))
         if out.is_dir():
             out = out / f"{detection.model}.{want}.safetensors"

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from difforge.loading.convert import to_foreign_layout
 from difforge.loading.fingerprint import fingerprint_shapes
 
 from .ae import FLUX1_AE, FluxAE
@@ -31,13 +32,7 @@ LAYOUTS = ("bfl", "diffusers")
 
 def _to_diffusers(model: str, sd: Mapping[str, Any]) -> dict[str, Any]:
     split, rename = (dit_split, dit_to_diffusers) if model == "flux-dit" else (ae_unreshape, ae_to_diffusers)
-    out = {}
-    for key, value in split(sd).items():
-        new = rename(key)
-        if new is None:
-            raise KeyError(f"{model}: no diffusers name for {key!r}")
-        out[new] = value
-    return out
+    return to_foreign_layout(sd, rename, split, name=f"{model} -> diffusers", strict=True)
 
 
 def released_shapes(model: str, variant: str, layout: str) -> dict[str, tuple[int, ...]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from difforge.loading.convert import to_foreign_layout
 from difforge.loading.fingerprint import fingerprint_shapes
 
 from .convert import dit_to_diffusers, vae_to_diffusers, vae_unstructure
@@ -38,13 +39,7 @@ _TO_DIFFUSERS: dict[str, tuple[Callable[[Mapping[str, Any]], dict[str, Any]], Ca
 
 def _to_diffusers(model: str, sd: Mapping[str, Any]) -> dict[str, Any]:
     unstructure, rename = _TO_DIFFUSERS[model]
-    out = {}
-    for key, value in unstructure(sd).items():
-        new = rename(key)
-        if new is None:
-            raise KeyError(f"{model}: no diffusers name for {key!r}")
-        out[new] = value
-    return out
+    return to_foreign_layout(sd, rename, unstructure, name=f"{model} -> diffusers", strict=True)
 
 
 def released_shapes(model: str, variant: str, layout: str) -> dict[str, tuple[int, ...]]:
