@@ -163,3 +163,14 @@ def assert_close(got: Any, want: Any, *, atol: float = MODULE_ATOL, rtol: float 
     if not report.ok:
         raise AssertionError(str(report))
     return report
+
+
+def build_from(sd: Mapping[str, Any], cls: type, config: Any) -> Any:
+    """``cls(config)`` built on the meta device with the weights ``sd`` assigned, as the core loader
+    does: the way to put a reference model's weights (after a converter) into ours."""
+    import torch
+
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(dict(sd), strict=True, assign=True)
+    return model.eval()

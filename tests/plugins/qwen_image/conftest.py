@@ -4,13 +4,14 @@ and writers of header-only (sparse) safetensors files."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from difforge_sdk.parity import build_from  # noqa: F401  (used by this folder's tests)
 from difforge_sdk.sparse import write_sharded_sparse, write_sparse_safetensors
 
 import difforge
@@ -62,14 +63,6 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.1))
-
-
-def build_from(sd: Mapping[str, torch.Tensor], cls: type, config: Any) -> torch.nn.Module:
-    """Build on the meta device and assign the weights, as the core loader does."""
-    with torch.device("meta"):
-        model = cls(config)
-    model.load_state_dict(dict(sd), strict=True, assign=True)
-    return model.eval()
 
 
 @dataclass

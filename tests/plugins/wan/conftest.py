@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from difforge_sdk.parity import build_from  # noqa: F401  (used by this folder's tests)
 from difforge_sdk.sparse import write_sharded_sparse, write_sparse_safetensors
 
 import difforge
@@ -63,14 +64,6 @@ def own_from_diffusers(
     renamed = {rename(k): v for k, v in sd.items()}
     assert None not in renamed, [k for k in sd if rename(k) is None]
     return transform(renamed) if transform else renamed
-
-
-def build_from(sd: Mapping[str, torch.Tensor], cls: type, config: Any) -> torch.nn.Module:
-    """Build on the meta device and assign the weights, as the core loader does."""
-    with torch.device("meta"):
-        model = cls(config)
-    model.load_state_dict(dict(sd), strict=True, assign=True)
-    return model.eval()
 
 
 @dataclass
