@@ -452,6 +452,11 @@ class Pipeline:
             return positive
         with cfg_branch("uncond"):
             negative = self.predict(latents, timestep, uncond, **extra)
+        return self.guide(positive, negative, cfg_scale)
+
+    def guide(self, positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Classifier-free guidance from the two branches' predictions; families with a rescale
+        (Qwen-Image's per-token norm) override this."""
         return negative + cfg_scale * (positive - negative)
 
     def __call__(

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from difforge import ConfigError, Pipeline
-from difforge.runtime.pipeline import cfg_branch
 
 log = logging.getLogger(__name__)
 
@@ -128,27 +127,13 @@ class QwenImagePipeline(Pipeline):
         )
         return unpack_latents(velocity, h, w)
 
-    def _predict_guided(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-        cond: Mapping[str, Any],
-        uncond: Mapping[str, Any] | None,
-        cfg_scale: float,
-        extra: Mapping[str, Any],
-    ) -> torch.Tensor:
+    def guide(self, positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """True CFG with Qwen-Image's rescale: every 2x2 patch (token) of the guided velocity takes the
         norm of the conditional one."""
-        with cfg_branch("cond"):
-            positive = self.predict(latents, timestep, cond, **extra)
-        if uncond is None:
-            return positive
-        with cfg_branch("uncond"):
-            negative = self.predict(latents, timestep, uncond, **extra)
         guided = pack_latents(negative + cfg_scale * (positive - negative))
         norm = torch.linalg.vector_norm(pack_latents(positive), dim=-1, keepdim=True)
         guided = guided * (norm / torch.linalg.vector_norm(guided, dim=-1, keepdim=True))
-        return unpack_latents(guided, latents.shape[-2], latents.shape[-1])
+        return unpack_latents(guided, positive.shape[-2], positive.shape[-1])
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(image)
