@@ -38,7 +38,11 @@ from .options import PluginChoice, merge_options, parse_choice, parse_choices
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pipeline", "current_cfg_branch"]
+__all__ = ["DENOISER_ROLES", "Pipeline", "current_cfg_branch"]
+
+DENOISER_ROLES = frozenset({"dit", "unet", "denoiser"})
+"""``ModelSpec.role`` values of a pipeline's denoiser: the model the step loop runs (caches apply to
+it; its fingerprint names the release). A DiT is ``dit``, a U-Net ``unet``."""
 
 _branch: contextvars.ContextVar[str] = contextvars.ContextVar("difforge_cfg_branch", default="cond")
 
@@ -122,14 +126,14 @@ class Pipeline:
 
     @property
     def variant(self) -> str | None:
-        """The release the denoiser (the ``dit`` role) matched by fingerprint; None for fine-tunes.
+        """The release the denoiser (a :data:`DENOISER_ROLES` role) matched by fingerprint; None for fine-tunes.
 
         Encoders and VAEs are shared between releases (FLUX.1-dev and -schnell ship the same T5),
         so only the denoiser says which release this is.
         """
         for slot in self.components:
             spec = self._model_spec(slot)
-            if spec is not None and spec.role == "dit":
+            if spec is not None and spec.role in DENOISER_ROLES:
                 return getattr(self.detections.get(slot), "variant", None)
         return None
 
@@ -300,7 +304,7 @@ class Pipeline:
         # the denoiser only: encoders run once per call, outside the step loop and its CFG branches
         for slot, module in self.models().items():
             spec = self._model_spec(slot)
-            if spec is not None and spec.role == "dit" and spec.layout is not None:
+            if spec is not None and spec.role in DENOISER_ROLES and spec.layout is not None:
                 self._cache_handles.append(apply(module, spec.layout, {**options, "family": self.spec.family}))
         if not self._cache_handles:
             raise ConfigError(f"cache {choice.name!r}: no denoiser of pipeline {self.spec.name!r} declares a block layout")
@@ -356,6 +360,14 @@ class Pipeline:
 
     def encode_prompt(self, prompt: Sequence[str], **kw: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def encode_negative_prompt(
+        self, negative_prompt: Sequence[str] | None, cond: Mapping[str, torch.Tensor], batch: int, **kw: Any
+    ) -> dict[str, torch.Tensor]:
+        """The unconditional branch's conditioning. ``negative_prompt`` is None when the caller gave
+        none; the default encodes ``""`` then (families whose reference zeroes the embeddings of a
+        missing negative prompt, as SDXL does, override this; ``cond`` is the positive one)."""
+        return self.encode_prompt(list(negative_prompt) if negative_prompt is not None else [""] * batch, **kw)
 
     def latent_shape(self, batch: int, height: int, width: int, **kw: Any) -> tuple[int, ...]:
         raise NotImplementedError
@@ -534,9 +546,9 @@ class Pipeline:
             if kw.get("negative_prompt_embeds") is not None:
                 uncond = dict(kw["negative_prompt_embeds"])
             else:
-                negative = kw.get("negative_prompt") or ""
-                negatives = [negative] * batch if isinstance(negative, str) else list(negative)
-                uncond = self.encode_prompt(negatives, **extra)
+                negative = kw.get("negative_prompt")
+                negatives = None if negative is None else [negative] * batch if isinstance(negative, str) else list(negative)
+                uncond = self.encode_negative_prompt(negatives, cond, batch, **extra)
 
         shape = self.latent_shape(batch, kw["height"], kw["width"], **extra)
         if kw.get("latents") is not None:
