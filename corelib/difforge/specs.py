@@ -64,9 +64,17 @@ class BlockGroup:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """The transformer blocks of a model, in the order its ``forward`` runs them."""
+    """The transformer blocks of a model, in the order its ``forward`` runs them.
+
+    ``skip_connections``: True for a U-Net, whose blocks change resolution and width and whose
+    shallow features reach the output through skip connections (down blocks push them, up blocks
+    pop them, through an argument other than the streams). A cache then reuses the skipped middle's
+    stored *output* as is (DeepCache's original form) instead of adding its residual to fresh
+    inputs, and threshold strategies compare the front blocks' outputs across steps, not residuals.
+    """
 
     groups: tuple[BlockGroup, ...]
+    skip_connections: bool = False
 
     def __post_init__(self) -> None:
         if not self.groups:
