@@ -31,6 +31,11 @@ one. For fbcache this is exactly the arithmetic of diffusers' and ParaAttention'
 (which measure the first block's ``hidden_states``, the image stream, and skip when the change is
 at most the threshold: the two differ only at exact equality).
 
+U-Nets (``BlockLayout.skip_connections``): the middle changes resolution and width, so a residual
+cannot be added to fresh inputs; a skipped step returns the middle's stored *output* at its last
+block (DeepCache's original form: the deep features are reused, the shallow blocks and their skip
+connections are fresh), and threshold mode measures the change of the front blocks' output.
+
 Groups with different streams: consecutive groups with equal ``streams`` form one *segment*. The
 middle is cut at segment boundaries and each segment caches its own residual over its own streams;
 the model's code between two segments (a concatenation, say) runs on the reconstructed states.
@@ -226,6 +231,7 @@ class BlockCache:
             raise ConfigError(f"{name}: at least one front block must run to measure the change (front_blocks >= 1)")
 
         self.model = model
+        self.reuse_output = bool(getattr(layout, "skip_connections", False))
         self._states: dict[str, _BranchState] = {}
         self._installed: list[tuple[nn.ModuleList, int, nn.Module]] = []
         entries = self._collect(model, layout)
@@ -341,7 +347,8 @@ class BlockCache:
         if slot.middle and not state.compute:
             streams = _inputs(slot, args, kwargs)
             if slot.last_middle:
-                streams = tuple(x + r for x, r in zip(streams, state.residuals[slot.segment]))
+                stored = state.residuals[slot.segment]
+                streams = stored if self.reuse_output else tuple(x + r for x, r in zip(streams, stored))
             state.blocks_skipped += 1
             return streams[0] if len(streams) == 1 else streams
         if slot.first_middle:
@@ -354,7 +361,7 @@ class BlockCache:
             outs = _outputs(slot, out)
             if slot.last_middle:
                 inputs = state.middle_inputs.pop(slot.segment)
-                state.residuals[slot.segment] = tuple(o - i for o, i in zip(outs, inputs))
+                state.residuals[slot.segment] = outs if self.reuse_output else tuple(o - i for o, i in zip(outs, inputs))
             if slot.index == self.front - 1:
                 self._decide(state, outs[0])
         return out
@@ -362,7 +369,7 @@ class BlockCache:
     def _decide(self, state: _BranchState, probe_output: torch.Tensor | None) -> None:
         residual = None
         if self.threshold is not None and probe_output is not None:
-            residual = probe_output - state.probe_input
+            residual = probe_output if self.reuse_output else probe_output - state.probe_input
             state.probe_input = None
         state.compute = self._should_compute(state, residual)
         if state.compute:
@@ -430,6 +437,8 @@ def apply_deepcache(model: nn.Module, layout: BlockLayout, options: Mapping[str,
 
     The deep blocks' cached output is reused as their contribution (output minus input) on top of
     the fresh shallow features: a DiT has no U-Net skip connection that would carry them past it.
+    On a U-Net (``layout.skip_connections``) this is DeepCache's original form: the cached output of
+    the deep blocks feeds the fresh shallow up blocks, which also take the fresh skip connections.
     """
     ends = options.get("cache_branch_id", 1)
     return BlockCache(
