@@ -2,7 +2,8 @@
 
 ``difforge plugins [--json]``, ``difforge list KIND``, ``difforge detect FILE...``,
 ``difforge convert IN --to FORMAT -o OUT``, ``difforge generate PIPELINE --prompt ...``,
-``difforge run RECIPE.toml``, ``difforge new-plugin NAME --kind KIND`` (with difforge-sdk). Errors are one clear line on stderr (``--debug`` for tracebacks).
+``difforge run RECIPE.toml``, ``difforge train PIPELINE --dataset_base_path ...`` (with ``difforge[train]``),
+``difforge new-plugin NAME --kind KIND`` (with difforge-sdk). Errors are one clear line on stderr (``--debug`` for tracebacks).
 """
 
 from __future__ import annotations
@@ -197,6 +198,16 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     return scaffold.main(args)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import config_from_args, train
+
+    result = train(config_from_args(args))
+    print(f"trained {result.steps} steps ({result.mode}) in {result.wall_s:.0f}s; loss log: {result.output_path / 'loss.csv'}")
+    for path in result.files:
+        print(f"wrote {path}")
+    return 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser, *, prompt_required: bool) -> None:
     p.add_argument("--prompt", required=prompt_required)
     p.add_argument("--negative-prompt", dest="negative_prompt")
@@ -257,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, prompt_required=False)
     p.add_argument("-o", "--output")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="flow-matching training of a pipeline's denoiser, full or LoRA (difforge[train])")
+    from .train.config import add_train_arguments
+
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("new-plugin", help="scaffold a plugin package that installs and passes its tests (needs difforge-sdk)")
     p.add_argument("name", help="plugin name, e.g. my-cache (the distribution becomes difforge-my-cache)")
