@@ -37,9 +37,20 @@ UNET_LAYOUT = BlockLayout(
 ``hidden_states``; skip connections travel on the ``skips`` list (down blocks push, up blocks pop)."""
 
 #: difforge.fingerprint() of the released configs built on the meta device, per format (tests/test_releases.py)
-SD15_UNET_FINGERPRINTS: dict[str, str] = {}
-SDXL_UNET_FINGERPRINTS: dict[str, str] = {}
-VAE_FINGERPRINTS: dict[str, str] = {}
+SD15_UNET_FINGERPRINTS = {
+    "bcc8f9d85c433aad2be933441fcd003b": SD15,  # own layout (also: what a full single file converts to)
+    "15576c288e64c99dc15cefbaba5fbbe9": SD15,  # unet/ (diffusers)
+    "5440e5ee45fc9982a07b2e50e9d45fa0": SD15,  # model.diffusion_model.* alone (ldm)
+}
+SDXL_UNET_FINGERPRINTS = {
+    "d59eff3c773a7065c47058fa23560b6c": SDXL,
+    "ac0c7e44db3da0625074a3bc5ee41b77": SDXL,
+    "19c31fb39731512889f4373b1e3a730e": SDXL,
+}
+VAE_FINGERPRINTS = {  # one architecture: SD 1.x's VAE and SDXL's differ only in their weights
+    "ac3b2bf6b3f520a3c581e17b639f9d90": "sd-vae",  # vae/ (diffusers)
+    "ae005f2ea72fc5e4f2f1737d6545211f": "sd-vae",  # first_stage_model.* alone (ldm)
+}
 
 _UNET_KEYS = (
     "conv_in.weight",
