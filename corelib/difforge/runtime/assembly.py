@@ -97,8 +97,9 @@ def diffusers_folder_configs(spec: PipelineSpec, folder: str) -> list[Any]:
     return configs
 
 
-def scheduler_from_diffusers(folder: str) -> dict[str, Any] | None:
-    """Translate ``scheduler/scheduler_config.json`` of a diffusers folder to a difforge scheduler choice."""
+def scheduler_from_diffusers(folder: str, translate: Any = None) -> dict[str, Any] | None:
+    """Translate ``scheduler/scheduler_config.json`` of a diffusers folder to a difforge scheduler choice
+    (with ``translate(config, source=...)``, default :func:`translate_scheduler_config`)."""
     path = Path(folder) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return None
@@ -106,7 +107,7 @@ def scheduler_from_diffusers(folder: str) -> dict[str, Any] | None:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the scheduler config: {exc}") from exc
-    return translate_scheduler_config(cfg, source=str(path))
+    return (translate or translate_scheduler_config)(cfg, source=str(path))
 
 
 def translate_scheduler_config(cfg: Mapping[str, Any], source: str = "scheduler_config.json") -> dict[str, Any]:

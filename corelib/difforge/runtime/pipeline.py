@@ -185,7 +185,9 @@ class Pipeline:
             configs = assembly.source_configs(spec)
         elif isinstance(model_configs, (str, os.PathLike)) and assembly.is_diffusers_folder(model_configs):
             configs = assembly.diffusers_folder_configs(spec, str(model_configs))
-            folder_scheduler = assembly.scheduler_from_diffusers(str(model_configs))
+            folder_scheduler = assembly.scheduler_from_diffusers(
+                str(model_configs), translate=resolve(spec.pipeline).translate_scheduler_config
+            )
             if tokenizer_config is None:
                 tokenizer_config = [
                     str(Path(model_configs) / s.diffusers_subfolder)
@@ -246,6 +248,12 @@ class Pipeline:
         pipe = cls.from_pretrained(r.name, **r.pretrained_kwargs())
         pipe.call_defaults = dict(r.defaults)
         return pipe
+
+    @classmethod
+    def translate_scheduler_config(cls, config: Mapping[str, Any], source: str = "scheduler_config.json") -> dict[str, Any]:
+        """A diffusers folder's ``scheduler_config.json`` -> ``{"name": ..., **options}``. The default knows
+        the flow-matching samplers; families whose releases ship others (DDIM, Euler) override it."""
+        return assembly.translate_scheduler_config(config, source=source)
 
     # ------------------------------------------------------------ plugin options after build
 
