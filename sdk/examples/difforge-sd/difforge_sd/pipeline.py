@@ -23,6 +23,14 @@ SCALING_FACTORS = {"sd": 0.18215, "sdxl": 0.13025}
 """The latent scale of each family's VAE (not in the weights: the released configs say so)."""
 
 
+_DIFFUSERS_SCHEDULERS = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "ddim",  # SD 1.5's release; difforge has no PNDM: DDIM on the same betas
+    "EulerDiscreteScheduler": "euler",
+    "DPMSolverMultistepScheduler": "dpmpp-2m",
+}
+
+
 def _expand(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.expand(b, *t.shape[1:]) if t.shape[0] != b else t
 
@@ -37,6 +45,18 @@ class SDPipeline(Pipeline):
 
     spatial_multiple = 8
     defaults: Mapping[str, Any] = {"num_inference_steps": 50, "height": 512, "width": 512, "cfg_scale": 7.5}
+
+    @classmethod
+    def translate_scheduler_config(cls, config: Mapping[str, Any], source: str = "scheduler_config.json") -> dict[str, Any]:
+        """diffusers' DDIM / Euler / DPM++ 2M (and PNDM, which runs as DDIM on the same betas) configs ->
+        ``ddim`` / ``euler`` / ``dpmpp-2m`` with every option of the config the scheduler declares."""
+        name = _DIFFUSERS_SCHEDULERS.get(config.get("_class_name", ""))
+        if name is None:
+            return super().translate_scheduler_config(config, source=source)
+        from difforge import get_registry
+
+        declared = get_registry().schedulers.get(name).options
+        return {"name": name, **{k: v for k, v in config.items() if k in declared and not k.startswith("_")}}
 
     @property
     def scaling_factor(self) -> float:
