@@ -75,8 +75,10 @@ __all__ = [
 
 FAMILY_THRESHOLDS: dict[str, float] = {
     "flux": 0.08,  # ParaAttention's and diffusers' recommendation for FLUX.1
-    "qwen-image": 0.08,  # an MMDiT of Flux's width; provisional until measured on the trained demo model
-    "wan": 0.06,  # video: lower, as the community FBCache ports for Wan 2.1 use; provisional as well
+    # cache-dit's examples (examples/run_qwen_image.py, run_wan.py): F1B0 (First Block Cache), separate CFG,
+    # residual_diff_threshold 0.08 for Qwen-Image and Wan2.1-T2V; both to be checked on the trained demo model
+    "qwen-image": 0.08,
+    "wan": 0.08,
 }
 DEFAULT_THRESHOLD = 0.05
 """For families without an entry: diffusers' ``FirstBlockCacheConfig`` default."""
