@@ -1,7 +1,7 @@
 """What training attaches to a model, all removable: trainable LoRA adapters and gradient checkpointing.
 
 - :class:`TrainableLora`: ``scale * B(A(x))`` added to the output of the chosen ``nn.Linear`` layers by
-  forward hooks (``A`` Kaiming-uniform, ``B`` zero: training starts from the unchanged model). Its
+  forward hooks (``A`` uniform as PEFT initialises it, drawn from ``seed``; ``B`` zero: training starts from the unchanged model). Its
   parameters live in this module, so an optimizer (and ``accelerate``) sees exactly them. It exports in
   the model's own LoRA grammar (:mod:`difforge.lora.keys`), which the family's LoRA converters write as
   diffusers/PEFT (or any other format they know).
@@ -67,7 +67,8 @@ def lora_targets(model: nn.Module, patterns: str | Sequence[str] | None, layout:
 class TrainableLora(nn.Module):
     """Trainable LoRA adapters on ``model``'s linear layers ``names`` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], rank: int, alpha: float | None = None) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], rank: int, alpha: float | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         self.rank = int(rank)
         self.alpha = float(alpha) if alpha is not None else float(rank)
@@ -76,12 +77,15 @@ class TrainableLora(nn.Module):
         self.lora_B = nn.ParameterDict()
         self._handles: list[Any] = []
         ref = next(model.parameters())
+        generator = torch.Generator().manual_seed(seed)
         for name in self.names:
             layer = model.get_submodule(name)
             if not isinstance(layer, nn.Linear):
                 raise ConfigError(f"train: LoRA target {name} is a {type(layer).__name__}, not a linear layer")
-            a = torch.empty(self.rank, layer.in_features, device=ref.device, dtype=torch.float32)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            # PEFT's initialisation (kaiming_uniform_ with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), from ``seed``
+            bound = 1.0 / math.sqrt(layer.in_features)
+            a = (torch.rand(self.rank, layer.in_features, generator=generator) * 2 - 1) * bound
+            a = a.to(ref.device)
             key = self._key(name)
             self.lora_A[key] = nn.Parameter(a)
             self.lora_B[key] = nn.Parameter(torch.zeros(layer.out_features, self.rank, device=ref.device, dtype=torch.float32))

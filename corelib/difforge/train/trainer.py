@@ -217,7 +217,7 @@ class _Run:
                 slot = slots[0]
                 module = models[slot]
                 names = lora_targets(module, config.lora_target_modules, getattr(pipe._model_spec(slot), "layout", None))
-                self.lora = TrainableLora(module, names, config.lora_rank or 32, config.lora_alpha)
+                self.lora = TrainableLora(module, names, config.lora_rank or 32, config.lora_alpha, seed=config.seed)
                 log.info("LoRA rank %d on %d linear layers of %s", self.lora.rank, len(names), slot)
             else:
                 for slot in slots:
