@@ -117,7 +117,10 @@ def spaced_timesteps(
         points = n + 1 if one_more else n
         ts = (np.arange(0, points) * (total // points)).round()[::-1][:n] + steps_offset
     elif timestep_spacing == "trailing":
-        ts = np.arange(total, 0, -total / n).round()[:n] - 1
+        ts = np.arange(total, 0, -total / n).round()
+        if len(ts) > n:  # float rounding in arange: diffusers would also run a step at timestep -1
+            logger.debug("trailing spacing: %d steps keep %d of numpy's %d points", n, n, len(ts))
+        ts = ts[:n] - 1
     else:
         raise ConfigError(f"timestep_spacing must be one of {_choices(TIMESTEP_SPACINGS)}, got {timestep_spacing!r}")
     return ts.astype(np.int64)
