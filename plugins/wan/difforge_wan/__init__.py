@@ -14,6 +14,10 @@ Wan-AI's ``.pth`` files load through the core's safe ``torch.load(weights_only=T
 (``model.diffusion_model.`` + Wan-AI keys) through the core's generic prefix stripping. The text
 encoder and tokenizer (umT5-XXL) come from difforge-text-encoders.
 
+LoRA converters (:mod:`.lora`, ``kind="lora"``) of the DiT: ``comfyui`` (Wan-AI module names,
+``diffusion_model.`` optional), ``kohya`` (musubi-tuner's ``lora_unet_blocks_0_self_attn_q``) and
+``diffusers`` (``transformer.blocks.0.attn1.to_q``, PEFT).
+
 Pipeline ``wan`` (:mod:`.pipeline`): text-to-video, video-to-video, image-to-video (TI2V-5B).
 
 The fingerprints below are recomputed from the released configs by :mod:`.releases` (and checked
@@ -31,6 +35,7 @@ difforge_api = ">=1,<2"
 DIT = "difforge_wan.dit"
 VAE = "difforge_wan.vae"
 CONVERT = "difforge_wan.convert"
+LORA = "difforge_wan.lora"
 
 DIT_FINGERPRINTS = {
     "30ac5a0bfd934f400f3718cea971a42a": "Wan2.1-T2V-1.3B",  # diffusion_pytorch_model.safetensors (Wan-AI)
@@ -161,3 +166,19 @@ def difforge_register_converters() -> Iterator[ConverterSpec]:
         description="diffusers AutoencoderKLWan / AutoencoderKLQwenImage (vae/) -> Wan-AI layout: "
         "leaf names, flat Wan 2.1 decoder list, Wan 2.2 sampler positions",
     )
+    for fmt, inverse, example in (
+        ("comfyui", None, "diffusion_model.blocks.0.self_attn.q.lora_A.weight (prefix optional; lora_down/up, alpha)"),
+        ("kohya", "kohya_export", "lora_unet_blocks_0_self_attn_q.lora_down.weight + .alpha (musubi-tuner)"),
+        ("diffusers", "diffusers_export", "transformer.blocks.0.attn1.to_q.lora_A.weight (PEFT, .default optional)"),
+    ):
+        yield ConverterSpec(
+            name=f"wan-dit-lora-{fmt}",
+            source_format=fmt,
+            target_model="wan-dit",
+            detect=f"{LORA}:is_{fmt}",
+            rename=f"{LORA}:rename_{fmt}",
+            inverse_rename=f"{LORA}:inverse_{fmt}",
+            inverse_transform=None if inverse is None else f"{LORA}:{inverse}",
+            kind="lora",
+            description=f"Wan DiT LoRA, {fmt}: {example}",
+        )
