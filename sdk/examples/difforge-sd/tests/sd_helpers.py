@@ -22,12 +22,12 @@ transformers = pytest.importorskip("transformers")
 SD_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
 )
 SDXL_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=2,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=96, attention_head_dim=(1, 2), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+    cross_attention_dim=128, attention_head_dim=(1, 2), transformer_layers_per_block=(1, 2), use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=32 + 6 * 256,
     norm_num_groups=32,
 )
@@ -104,11 +104,11 @@ def _tokenizer(folder: Path, pad: str | None = None) -> Path:
     return folder
 
 
-def _clip(tok: Any, hidden: int, act: str, projection: int | None, seed: int) -> Any:
+def _clip(tok: Any, hidden: int, act: str, projection: int | None, seed: int, heads: int = 2) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=hidden * 2, num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
+        hidden_size=hidden, intermediate_size=hidden * 2, num_attention_heads=heads, num_hidden_layers=2, vocab_size=len(tok),
         max_position_embeddings=77, projection_dim=projection or hidden, bos_token_id=tok.bos_token_id, eos_token_id=2,
         pad_token_id=tok.pad_token_id, hidden_act=act,
     )
@@ -124,7 +124,9 @@ def write_pipeline(folder: Path, kind: str, scheduler: Any) -> Path:
 
     tok = CLIPTokenizer.from_pretrained(_tokenizer(folder / "_tok"))
     unet, vae = diffusers_unet(kind, seed=1), diffusers_vae(seed=2, scaling_factor=0.18215 if kind == "sd" else 0.13025)
-    clip = _clip(tok, 32, "quick_gelu", None, 3)
+    # CLIP-L at width 64 with one head and exact gelu: what config inference assumes at that width (the
+    # original single file carries no config.json), so both loading paths build the same encoder
+    clip = _clip(tok, 64, "gelu", None, 3, heads=1)
     if kind == "sd":
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tok, unet=unet, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
