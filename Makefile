@@ -7,6 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 SDK_DIR := $(if $(wildcard sdk/pyproject.toml),sdk,)
+# example third-party plugins (sdk/examples/*): installed like plugins, their tests run with the suite
+EXAMPLE_DIRS := $(sort $(dir $(wildcard sdk/examples/*/pyproject.toml)))
+EXAMPLE_TESTS := $(wildcard sdk/examples/*/tests)
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= out
 
@@ -14,10 +17,10 @@ DEMO_OUT ?= out
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-torch.txt $(wildcard plugins/*/pyproject.toml) $(wildcard sdk/pyproject.toml)
+$(STAMP): pyproject.toml requirements-torch.txt $(wildcard plugins/*/pyproject.toml) $(wildcard sdk/pyproject.toml) $(wildcard sdk/examples/*/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-torch.txt
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,video]' $(foreach d,$(SDK_DIR) $(PLUGIN_DIRS),-e ./$(d))
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,video]' $(foreach d,$(SDK_DIR) $(PLUGIN_DIRS) $(EXAMPLE_DIRS),-e ./$(d))
 	touch $(STAMP)
 
 # The Triton kernel tests run in their own process: Triton fixes its interpreter mode
@@ -25,7 +28,7 @@ $(STAMP): pyproject.toml requirements-torch.txt $(wildcard plugins/*/pyproject.t
 TRITON_TESTS := tests/plugins/triton_attention
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=$(TRITON_TESTS)
+	$(PY) -m pytest -q -p no:cacheprovider tests $(EXAMPLE_TESTS) --ignore=$(TRITON_TESTS)
 	$(PY) -m pytest -q -p no:cacheprovider $(TRITON_TESTS)
 
 demo: $(STAMP)

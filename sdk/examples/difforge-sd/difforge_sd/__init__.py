@@ -204,11 +204,6 @@ def difforge_register_converters() -> Iterator[ConverterSpec]:
 
 @hookimpl
 def difforge_register_schedulers() -> Any:
-    try:
-        from ._scheduler_specs import SCHEDULERS
-    except ModuleNotFoundError as exc:  # TEMPORARY until the schedulers land (written by another helper)
-        if exc.name != "difforge_sd._scheduler_specs":
-            raise
-        return []
+    from ._scheduler_specs import SCHEDULERS
 
     return list(SCHEDULERS)
