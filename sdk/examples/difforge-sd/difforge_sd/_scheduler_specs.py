@@ -10,9 +10,12 @@ training steps, ``leading`` spacing with ``steps_offset`` 1). For SD 2.x-v model
 
 from __future__ import annotations
 
-from difforge import SchedulerSpec
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["SCHEDULERS", "OPTION_DOCS", "FAMILIES"]
+from difforge import ConfigError, SchedulerSpec
+
+__all__ = ["SCHEDULERS", "OPTION_DOCS", "FAMILIES", "DIFFUSERS_DEFAULTS", "options_from_diffusers"]
 
 FAMILIES = ("sd", "sdxl")
 
@@ -70,3 +73,80 @@ SCHEDULERS: tuple[SchedulerSpec, ...] = (
         "diffusers' DPMSolverMultistepScheduler(algorithm_type='dpmsolver++')",
     ),
 )
+
+
+_DIFFUSERS_COMMON = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+}
+
+DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddim": {**_DIFFUSERS_COMMON, "timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True,
+             "clip_sample_range": 1.0},
+    "euler": {**_DIFFUSERS_COMMON, "timestep_spacing": "linspace", "use_karras_sigmas": False},
+    "dpmpp-2m": {**_DIFFUSERS_COMMON, "timestep_spacing": "linspace", "use_karras_sigmas": False},
+}
+"""What diffusers' ``DDIMScheduler`` / ``EulerDiscreteScheduler`` / ``DPMSolverMultistepScheduler`` assume
+for an option missing from a ``scheduler_config.json`` (they differ from the SD defaults of the specs)."""
+
+_NEG_INF = float("-inf")
+
+# Config keys that change the sampler, with the values these samplers reproduce (anything else is refused).
+_REPRODUCED: dict[str, dict[str, tuple[Any, ...]]] = {
+    "ddim": {"thresholding": (False,), "trained_betas": (None,)},
+    "euler": {
+        "interpolation_type": ("linear",),
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "timestep_type": ("discrete",),
+        "final_sigmas_type": ("zero",),
+        "sigma_min": (None,),
+        "sigma_max": (None,),
+        "trained_betas": (None,),
+    },
+    "dpmpp-2m": {
+        "algorithm_type": ("dpmsolver++",),
+        "solver_order": (2,),
+        "solver_type": ("midpoint",),
+        "final_sigmas_type": ("zero",),  # with a final sigma 0, lower_order_final and euler_at_final change nothing
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "use_lu_lambdas": (False,),
+        "use_flow_sigmas": (False,),
+        "use_dynamic_shifting": (False,),
+        "lambda_min_clipped": (_NEG_INF,),
+        "variance_type": (None,),
+        "thresholding": (False,),
+        "trained_betas": (None,),
+    },
+}
+
+
+def options_from_diffusers(name: str, config: Mapping[str, Any], source: str = "scheduler_config.json") -> dict[str, Any]:
+    """The options of scheduler ``name`` (``ddim``, ``euler``, ``dpmpp-2m``) that reproduce what diffusers'
+    corresponding class makes of ``config`` (a ``scheduler_config.json``, possibly another class's, as
+    ``from_config`` accepts): every option the spec declares, from the config or else from the class's
+    own default (:data:`DIFFUSERS_DEFAULTS`). Keys the sampler does not read are ignored; a key whose
+    value would make diffusers sample differently (``thresholding``, ``solver_order: 3``, ...) is a
+    :class:`~difforge.ConfigError`.
+    """
+    if name not in DIFFUSERS_DEFAULTS:
+        raise ConfigError(f"{source}: no diffusers equivalent for scheduler {name!r}; use one of {', '.join(DIFFUSERS_DEFAULTS)}")
+    for key, allowed in _REPRODUCED[name].items():
+        value = config.get(key, allowed[0])
+        if value not in allowed:
+            raise ConfigError(
+                f"{source}: {key}={value!r} is not reproduced by difforge-sd's {name!r} scheduler, which samples "
+                f"as {key}={allowed[0]!r}; to run that instead, pass the scheduler explicitly "
+                f"(scheduler={{'name': {name!r}, ...}})"
+            )
+    options: dict[str, Any] = {}
+    for key, default in DIFFUSERS_DEFAULTS[name].items():
+        value = config.get(key, default)
+        options[key] = default if value is None else value  # e.g. "use_karras_sigmas": null
+    return options

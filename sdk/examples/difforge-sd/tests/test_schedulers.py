@@ -9,6 +9,7 @@ sides agree to the bit (asserted with the tolerance ``TOL``)."""
 from __future__ import annotations
 
 import inspect
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,19 +23,38 @@ from difforge import ConfigError
 from difforge.plugins import PluginSettings
 from difforge.schedulers import Scheduler, build_scheduler
 from difforge_sd import schedulers as sd_schedulers
-from difforge_sd._scheduler_specs import OPTION_DOCS, SCHEDULERS
+from difforge_sd._scheduler_specs import OPTION_DOCS, SCHEDULERS, options_from_diffusers
 
 TOL = 1e-5
 STEPS = (1, 2, 10, 25, 50)
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction")
 
-# The released scheduler_config.json values (SD 1.5 ships PNDM, SDXL base Euler, SD 2.1 DDIM with v):
-# the keys every sampler of ours shares with them.
 SD15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
         "steps_offset": 1}
-SDXL_EULER = {**SD15, "prediction_type": "epsilon", "timestep_spacing": "leading", "use_karras_sigmas": False}
-SD21_DDIM = {**SD15, "prediction_type": "v_prediction", "set_alpha_to_one": False, "clip_sample": False}
+
+# The released scheduler/scheduler_config.json files (SD 1.5 ships PNDM: run as DDIM on its betas).
+SD15_CONFIG = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+               "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+               "clip_sample": False}
+SD21_CONFIG = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+               "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+               "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+SDXL_CONFIG = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+               "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+               "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+               "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+# A DPM++ 2M Karras config as saved by DPMSolverMultistepScheduler.from_config(SD 1.5's, use_karras_sigmas=True),
+# and a bare Euler config (diffusers' own defaults fill the rest: linspace spacing, steps_offset 0).
+DPM_CONFIG = {**SD15_CONFIG, "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+              "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+              "use_karras_sigmas": True, "final_sigmas_type": "zero", "lambda_min_clipped": float("-inf"),
+              "variance_type": None, "thresholding": False, "timestep_spacing": "linspace"}
+BARE_EULER_CONFIG = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
+                     "beta_start": 0.00085, "beta_end": 0.012}
 
 REFERENCE = {
     "ddim": (diffusers.DDIMScheduler, {"set_alpha_to_one": False, "clip_sample": False}),
@@ -126,22 +146,39 @@ def test_timesteps_and_sigmas_match_diffusers(name: str, prediction: str, spacin
         assert isinstance(ours.init_noise_sigma, float)
 
 
-def test_released_configs() -> None:
-    """SDXL's Euler and SD 2.1's v-prediction DDIM, from their released config values, through the
-    registry's defaults (only what differs from the defaults is passed)."""
-    for name, ref_cls, cfg, options in (
-        ("euler", diffusers.EulerDiscreteScheduler, SDXL_EULER, {}),
-        ("ddim", diffusers.DDIMScheduler, SD21_DDIM, {"prediction_type": "v_prediction"}),
-    ):
-        with _sd_registry():
-            ours = build_scheduler({"name": name, **options}, family="sdxl" if name == "euler" else "sd")
-        ref = ref_cls.from_config(cfg)
-        for n in (30, 50):
-            ours.set_timesteps(n)
-            ref.set_timesteps(n)
-            assert torch.equal(ours.timesteps, ref.timesteps.float())
-            x = _noise(3)
-            assert diff(run_ours(ours, x * ours.init_noise_sigma), run_diffusers(ref, ref.timesteps, x * ref.init_noise_sigma)) <= TOL
+@pytest.mark.parametrize(
+    "name, ref_cls, config",
+    [
+        pytest.param("ddim", diffusers.DDIMScheduler, SD15_CONFIG, id="sd15-pndm-as-ddim"),
+        pytest.param("ddim", diffusers.DDIMScheduler, SD21_CONFIG, id="sd21-v-ddim"),
+        pytest.param("euler", diffusers.EulerDiscreteScheduler, SDXL_CONFIG, id="sdxl-euler"),
+        pytest.param("euler", diffusers.EulerDiscreteScheduler, BARE_EULER_CONFIG, id="bare-euler"),
+        pytest.param("dpmpp-2m", diffusers.DPMSolverMultistepScheduler, DPM_CONFIG, id="dpmpp-2m-karras"),
+    ],
+)
+def test_released_configs(name: str, ref_cls: Any, config: dict[str, Any]) -> None:
+    """A scheduler_config.json through options_from_diffusers and the registry samples as diffusers'
+    class made from_config of the same file."""
+    options = options_from_diffusers(name, config)
+    with _sd_registry():
+        ours = build_scheduler({"name": name, **options}, family="sd")
+    ref = ref_cls.from_config(config)
+    for n in (1, 30, 50):
+        ours.set_timesteps(n)
+        ref.set_timesteps(n)
+        assert torch.equal(ours.timesteps, ref.timesteps.float())
+        x = _noise(3)
+        assert diff(run_ours(ours, x * ours.init_noise_sigma), run_diffusers(ref, ref.timesteps, x * ref.init_noise_sigma)) <= TOL
+
+
+@pytest.mark.parametrize(
+    "name, key, value",
+    [("dpmpp-2m", "solver_order", 3), ("dpmpp-2m", "algorithm_type", "sde-dpmsolver++"), ("ddim", "thresholding", True),
+     ("euler", "timestep_type", "continuous"), ("euler", "use_exponential_sigmas", True)],
+)
+def test_unreproducible_configs_are_refused(name: str, key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r} is not reproduced")):
+        options_from_diffusers(name, {**SD15_CONFIG, key: value})
 
 
 def test_trailing_keeps_n_steps_where_numpy_arange_adds_one() -> None:
