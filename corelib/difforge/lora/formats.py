@@ -146,11 +146,16 @@ def _claimed(converter: ConverterSpec, keys: Iterable[str]) -> list[str]:
     return [k for k in keys if rename(k) is not None]
 
 
-def match_converters(lora: LoraFile, models: Iterable[str], registry: Any = None) -> dict[str, ConverterSpec]:
+def match_converters(
+    lora: LoraFile, models: Iterable[str], registry: Any = None, *, narrowest: bool = False
+) -> dict[str, ConverterSpec]:
     """``{target model: converter}`` for the converters of ``models`` whose ``detect`` accepts the file.
 
     Two converters accepting the file for one model is a :class:`ConversionError`; so is a key
     claimed for two models. No match at all names the models the file looks like it is for.
+    ``narrowest`` (for files read without a pipeline, where every installed model is a candidate):
+    a model whose claimed keys are a strict subset of another model's is dropped first -- a Wan
+    LoRA's ``transformer.proj_out`` is a Flux module name too, but Flux claims nothing else of it.
     """
     keys = list(lora.tensors)
     wanted = {normalize_name(m) for m in models}
@@ -180,6 +185,12 @@ def match_converters(lora: LoraFile, models: Iterable[str], registry: Any = None
             + (f" It looks like a LoRA for {', '.join(others)}." if others else
                " Is it a LoRA for another model family, or in a format no installed plugin reads (LoKr, LoHa, DoRA)?")
         )
+    if narrowest and len(chosen) > 1:
+        claims = {t: set(_claimed(c, keys)) for t, c in chosen.items()}
+        dropped = [t for t in claims if any(claims[t] < claims[o] for o in claims if o != t)]
+        for t in dropped:
+            log.debug("LoRA %s: not for %s (its keys are all claimed for another model too)", lora.label, t)
+            del chosen[t]
     owner: dict[str, str] = {}
     for target, conv in chosen.items():
         for key in _claimed(conv, keys):
@@ -277,7 +288,7 @@ def convert_lora(
     targets = models or sorted({c.target_model for c in lora_converters()})
     out: dict[str, Any] = {}
     claimed: set[str] = set()
-    for target, conv in match_converters(lora, targets).items():
+    for target, conv in match_converters(lora, targets, narrowest=not models).items():
         groups, keys = to_own(lora, conv)
         claimed.update(keys)
         for key, value in from_own(groups, export_converter(target, to_format), f"LoRA {lora.label}").items():
