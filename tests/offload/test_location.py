@@ -128,6 +128,26 @@ def test_cpu_moves_components_in_turn(checkpoints: list[Path], reference: Any) -
     assert handle.stats() == {"active": "vae", "order": ["text_encoder", "dit", "vae"]}
 
 
+@pytest.mark.parametrize("backend", ["cpu", "sequential", "disk"])
+def test_components_option(checkpoints: list[Path], reference: Any, backend: str) -> None:
+    """``components`` restricts a location backend to some slots; the others are left as they are, and another
+    location backend may hold them."""
+    out, states = reference
+    pipe = build(checkpoints, [{"name": backend, "components": ["dit"]}, {"name": "disk", "components": ["vae"]}])
+    mine, disk = pipe._offload_handles
+    assert list(mine.components) == ["dit"] and list(disk.components) == ["vae"]
+    assert torch.equal(pipe(**CALL), out)
+    assert pipe.dit.__dict__["_difforge_location_offload"] == backend
+    assert "_difforge_location_offload" not in pipe.text_encoder.__dict__
+    assert not any(t.is_meta for t in pipe.text_encoder.parameters())
+    assert all(t.is_meta for t in pipe.vae.parameters())
+    if backend != "cpu":
+        assert all(t.is_meta for t in pipe.dit.parameters()) and mine.materialised() == []
+    pipe.set_offload(None)
+    assert_state_equal(pipe, states)
+    assert torch.equal(pipe(**CALL), out)
+
+
 def test_disk_verify_catches_edited_weights(checkpoints: list[Path], tmp_path: Path) -> None:
     """Weights edited in place no longer equal their checkpoint: verify=True sends them to the scratch file."""
     pipe = build(checkpoints)
@@ -178,6 +198,9 @@ def test_checkpoint_loaders_rebuild_loaded_tensors(checkpoints: list[Path]) -> N
         ({"name": "disk", "offload_dir": 3}, "offload_dir must be a folder path"),
         (["sequential", "disk"], "already offloaded by 'sequential'"),
         ({"name": "disk", "prefetch": True}, "has no option 'prefetch'"),
+        ({"name": "cpu", "components": ["unet"]}, "no model component 'unet'"),
+        ({"name": "sequential", "components": "dit"}, "components must be a list of component names"),
+        ([{"name": "disk", "components": ["dit"]}, "cpu"], "already offloaded by 'disk'"),
     ],
 )
 def test_bad_options(checkpoints: list[Path], offload: Any, message: str) -> None:

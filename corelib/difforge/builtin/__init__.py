@@ -66,14 +66,15 @@ def difforge_register_offload_backends() -> Iterator[OffloadSpec]:
         name="cpu",
         kind="location",
         apply="difforge.builtin.offload:apply_cpu",
-        options={"offload_device": "cpu"},
+        options={"offload_device": "cpu", "components": None},
         description="model-level: each component lives on offload_device and moves to the compute device for its turn",
     )
     yield OffloadSpec(
         name="sequential",
         kind="location",
         apply="difforge.builtin.offload:apply_sequential",
-        options={"offload_device": "cpu", "pin_memory": True, "prefetch": True, "vram_limit": None, "vram_buffer": 0.5},
+        options={"offload_device": "cpu", "pin_memory": True, "prefetch": True, "vram_limit": None, "vram_buffer": 0.5,
+                 "components": None},
         description="stream weights block by block to the compute device (CUDA: pinned memory, next block prefetched); "
         "vram_limit/vram_buffer (GiB) keep what fits resident",
     )
@@ -81,7 +82,7 @@ def difforge_register_offload_backends() -> Iterator[OffloadSpec]:
         name="disk",
         kind="location",
         apply="difforge.builtin.offload:apply_disk",
-        options={"offload_dir": None, "verify": False, "vram_limit": None, "vram_buffer": 0.5},
+        options={"offload_dir": None, "verify": False, "vram_limit": None, "vram_buffer": 0.5, "components": None},
         description="weights stay in the checkpoint files and are read block by block for compute "
         "(resident: about one block plus activations)",
     )

@@ -168,9 +168,20 @@ def _budget(options: dict[str, Any], backend: str) -> int | None:
     return None if limit is None else max(0, int((limit - buffer) * _GIB))
 
 
-def _components(pipe: Any, backend: str) -> dict[str, nn.Module]:
-    """The pipeline's torch components in ``component_order`` (then the rest); none may be offloaded yet."""
+def _components(pipe: Any, backend: str, wanted: Any = None) -> dict[str, nn.Module]:
+    """The pipeline's torch components in ``component_order`` (then the rest), only those named in ``wanted``
+    (the ``components`` option) when it is given; none may be offloaded yet."""
     models = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}
+    if wanted is not None:
+        if isinstance(wanted, str) or not all(isinstance(w, str) for w in wanted):
+            raise ConfigError(f"offload backend {backend!r}: option components must be a list of component names, got {wanted!r}")
+        unknown = sorted(set(wanted) - set(models))
+        if unknown:
+            raise ConfigError(
+                f"offload backend {backend!r}: no model component {', '.join(map(repr, unknown))}; "
+                f"the components are {', '.join(models)}"
+            )
+        models = {k: v for k, v in models.items() if k in wanted}
     order = [s for s in getattr(pipe.spec, "component_order", ()) if s in models]
     order += [s for s in models if s not in order]
     for slot in order:
@@ -206,7 +217,7 @@ class ModelOffload:
     def __init__(self, pipe: Any, options: dict[str, Any]) -> None:
         self.device = torch.device(pipe.device)
         self.offload_device = _device(options["offload_device"], "offload_device", "cpu")
-        self.components = _components(pipe, "cpu")
+        self.components = _components(pipe, "cpu", options.get("components"))
         self.active: str | None = None
         self._devices = {slot: [(t, t.device) for t in _tensors(m)] for slot, m in self.components.items()}
         self._hooks: list[Any] = []
@@ -265,7 +276,7 @@ class _StreamingOffload:
     def __init__(self, pipe: Any, options: dict[str, Any]) -> None:
         self.device = torch.device(pipe.device)
         self.budget = _budget(options, self.backend)
-        self.components = _components(pipe, self.backend)
+        self.components = _components(pipe, self.backend, options.get("components"))
         self.units: dict[str, list[_Unit]] = {}
         self._next: dict[int, _Unit | None] = {}  # id(block unit) -> the block that runs after it
         self._hooks: list[Any] = []
