@@ -12,7 +12,11 @@ SDPA's default backend.
     python benchmarks/attention.py --compile-only     # no GPU: compile for sm80 and sm90, report shared memory
 
 Writes ``benchmarks/results/attention.json`` (``attention-compile.json`` with ``--compile-only``; or
-``--out``). On a machine without CUDA it says so and exits 0.
+``--out``). On a machine without CUDA nothing is timed: the script says so and runs a correctness check
+instead, the kernel in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported) on
+each distinct batch, heads and head dim of the shapes with the sequence cut to ``--check-len`` tokens (default 77, not a
+multiple of the tile; with ``--mask`` a key padding mask), in float32 against torch SDPA: it prints the
+largest difference and exits 1 if one exceeds 1e-5. It writes no JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import datetime
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -165,6 +170,42 @@ def compile_check(dtype: str, head_dim: int = 128) -> list[dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------- CPU: a correctness check in the interpreter
+
+CHECK_ATOL = 1e-5
+
+
+def interpret_check(with_mask: bool, length: int) -> int:
+    """Each shape's (B, H, D) at ``length`` tokens, float32, the kernel (interpreted) vs torch SDPA; 0 if all agree."""
+    import torch.nn.functional as F
+
+    from difforge_triton import kernel
+
+    worst = 0.0
+    checked: set[tuple[int, int, int, int]] = set()
+    for name, b, h, n, d in SHAPES:
+        n = min(n, length)
+        if (b, h, n, d) in checked:  # the N=... shapes differ only in length: cut, they are one
+            continue
+        checked.add((b, h, n, d))
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+        mask = None
+        if with_mask:
+            mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+            mask[..., int(n * 0.9) :] = False
+        t0 = time.perf_counter()
+        out = kernel.flash_attention(q, k, v, mask=mask, block_m=32, block_n=32)
+        diff = (out - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max().item()
+        worst = max(worst, diff)
+        log.info("%-9s B=%d H=%-2d N=%-3d D=%d%s: max |triton - sdpa| = %.2e (%.1f s in the interpreter)", name, b, h,
+                 n, d, ", key padding mask" if with_mask else "", diff, time.perf_counter() - t0)  # fmt: skip
+    ok = worst <= CHECK_ATOL
+    log.info("interpreter check %s (largest difference %.2e, tolerance %.0e); no timing without a GPU",
+             "passed" if ok else "FAILED", worst, CHECK_ATOL)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,7 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-only", action="store_true", help="compile for sm80/sm90 offline instead of timing")
     parser.add_argument("--head-dim", type=int, choices=(64, 128), default=128, help="head dim of --compile-only")
     parser.add_argument("--out", type=Path, help="default: results/attention.json (attention-compile.json with --compile-only)")
+    parser.add_argument("--check-len", type=int, default=77, help="tokens per shape of the CPU interpreter check")
     args = parser.parse_args(argv)
+    if not args.compile_only and not torch.cuda.is_available():
+        log.info("no CUDA device here: nothing is timed (the benchmark needs a GPU; --compile-only works without one). "
+                 "Running the kernel in Triton's interpreter instead, as a correctness check at %d tokens.", args.check_len)
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            log.error("triton was imported before TRITON_INTERPRET=1 could be set; run this script in its own process")
+            return 1
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: it fixes its mode then
+        return interpret_check(args.mask, args.check_len)
 
     import triton
 
@@ -188,10 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_only:
         result = {**meta, "compile_check": compile_check(args.dtype, args.head_dim)}
     else:
-        if not torch.cuda.is_available():
-            log.info("no CUDA device here: the attention benchmark needs a GPU (nothing measured; "
-                     "--compile-only works without one)")
-            return 0
         meta["gpu"] = torch.cuda.get_device_name()
         meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         rows = []

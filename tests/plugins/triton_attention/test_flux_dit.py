@@ -1,6 +1,6 @@
 """A tiny FLUX.1 DiT (joint text + image attention with RoPE, head dim 64) gives the same output with
 ``triton`` (under the interpreter) as with ``sdpa``. The whole Flux, Qwen-Image and Wan pipelines
-get this test once their pipelines are in place (issue 11)."""
+are in test_family_pipelines.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A whole pipeline with ``attention="triton"`` (under the interpreter) gives the image ``sdpa`` gives.
 
 The toy family's DiT at hidden 128 with 2 heads has head dim 64, which the kernel serves. The
-Flux, Qwen-Image and Wan pipelines get the same test once those families exist (issue 11).
+Flux, Qwen-Image and Wan pipelines get it in test_family_pipelines.py.
 """
 
 from __future__ import annotations
