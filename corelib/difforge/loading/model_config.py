@@ -303,7 +303,9 @@ class ModelConfig:
     - ``local_model_path``: the base folder (files go to ``<local_model_path>/<model_id>/``);
       ``None`` reads ``DIFFORGE_MODEL_BASE_PATH`` (default ``./models``).
     - ``skip_download``: ``True`` never contacts the hub; ``None`` reads ``DIFFORGE_SKIP_DOWNLOAD``.
-    - ``model``: a ``ModelSpec`` name (``"flux-dit"``) that overrides detection.
+    - ``model``: a ``ModelSpec`` name (``"flux-dit"``) that overrides detection; ``format``: a source
+      format (``"ldm"``) restricting it further. Both pick one component of a multi-component file
+      (an SD single-file checkpoint holds the U-Net, the VAE and one or two text encoders).
     - ``offload_*``, ``onload_*``, ``preparing_*``, ``computation_*`` (device and dtype each): the
       VRAM-management settings of DiffSynth, where the weights are stored, where they are moved
       to before use, and the device/dtype the layers compute in. ``"disk"`` is allowed for the
@@ -333,6 +335,7 @@ class ModelConfig:
     preparing_dtype: Any = None
     computation_device: Any = None
     computation_dtype: Any = None
+    format: str | None = None
 
     def __post_init__(self) -> None:
         self.path = _as_path(self.path)

@@ -215,7 +215,7 @@ def route(
         forced = getattr(mc, "model", None)
         # ModelConfig.model also settles which component of a multi-component file is meant
         # (an SD single-file checkpoint holds the U-Net, the VAE and the text encoder)
-        result = detect(_local_folder(mc) or paths, model=forced)
+        result = detect(_local_folder(mc) or paths, model=forced, format=getattr(mc, "format", None))
         if forced and normalize_name(result.model) != normalize_name(forced):
             log.info("ModelConfig.model=%r overrides the detected %r", forced, result.model)
         model_spec = registry.models.get(forced or result.model)
