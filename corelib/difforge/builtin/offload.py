@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,10 @@ from ..specs import BlockLayout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOCATION_MARK", "apply_cpu", "apply_sequential", "apply_disk", "checkpoint_loaders", "offload_units"]
+__all__ = [
+    "LOCATION_MARK", "apply_cpu", "apply_sequential", "apply_disk", "checkpoint_loaders", "located_slots",
+    "offload_from_model_configs", "offload_units",
+]
 
 _GIB = 1 << 30
 LOCATION_MARK = "_difforge_location_offload"
@@ -626,6 +629,150 @@ class DiskOffload(_StreamingOffload):
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "scratch_bytes": self.scratch_bytes, "offload_dir": self.dir and str(self.dir)}
+
+
+# ---------------------------------------------------------------- ModelConfig offload_device / offload_dtype
+
+_FP8_FORMATS = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
+_LOCATION_OF = {"cpu": "cpu", "sequential": "cpu", "disk": "disk"}  # what a backend keeps weights on (by default)
+
+
+def _config_dtype(value: Any, slot: str) -> torch.dtype | str | None:
+    """``offload_dtype`` as a torch dtype (a dtype, or its name with or without ``torch.``), or ``"disk"``."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        name = value.strip().removeprefix("torch.")
+        if name == "disk":
+            return "disk"
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise ConfigError(
+        f"ModelConfig(offload_dtype={value!r}) of component {slot!r} is not a dtype; use torch.float8_e4m3fn or "
+        "torch.float8_e5m2 (fp8 storage), the pipeline's torch_dtype (no change), or 'disk'"
+    )
+
+
+def _location_request(device: Any, dtype: Any, slot: str, compute: torch.device) -> tuple[str, str] | None:
+    """``(backend, offload_device)`` that ``offload_device``/``offload_dtype="disk"`` ask for; None for nothing."""
+    if device is None and dtype != "disk":
+        return None
+    if dtype == "disk" or (isinstance(device, str) and device.strip() == "disk"):
+        if device is not None and not (isinstance(device, str) and device.strip() == "disk"):
+            raise ConfigError(
+                f"ModelConfig of component {slot!r} asks for offload_dtype='disk' with offload_device={device!r}; "
+                "weights offloaded to disk stay in their files: set offload_device='disk' too, or neither"
+            )
+        return ("disk", "disk")
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"ModelConfig(offload_device={device!r}) of component {slot!r} is not a device; use 'cpu', 'disk' or e.g. 'cuda:1'"
+        ) from None
+    if where.type == compute.type and (where.index is None or compute.index is None or where.index == compute.index):
+        log.info("ModelConfig of %s: offload_device=%r is the compute device; nothing to offload", slot, device)
+        return None
+    return ("cpu", str(where))
+
+
+def offload_from_model_configs(
+    registry: Any,
+    configs: Mapping[str, Any],
+    explicit: Sequence[Any],
+    *,
+    device: str | torch.device,
+    torch_dtype: torch.dtype,
+) -> list[Any]:
+    """The offload choices of a pipeline: ``explicit`` (``offload=``) plus what the ``offload_device`` /
+    ``offload_dtype`` fields of each slot's ``ModelConfig`` (``configs``: slot -> config or None) ask for.
+
+    - ``offload_dtype`` ``torch.float8_e4m3fn`` / ``torch.float8_e5m2`` -> ``fp8`` (``format`` e4m3 / e5m2)
+      restricted to that component; the pipeline's ``torch_dtype`` -> nothing; another dtype (e.g. bfloat16
+      on a float32 pipeline) is refused: weights are stored in ``torch_dtype`` or in fp8.
+    - ``offload_device`` ``"cpu"`` (any device other than the compute device) -> the ``cpu`` backend with that
+      ``offload_device`` for that component; ``"disk"`` (or ``offload_dtype="disk"``) -> ``disk``; the compute
+      device itself -> nothing.
+    - Combining: mapped backends are added for the components the explicit ones do not cover. Where an
+      explicit backend of the same kind covers a component (no ``components`` option, or one naming it), it
+      must give what the config asks for -- the same fp8 format (``fp8`` or ``fp8-scaled``), the same place
+      (``cpu``/``sequential`` keep weights on their ``offload_device``, ``disk`` in the files) -- and then
+      nothing is added; otherwise a :class:`ConfigError` names both.
+
+    Components asking for the same thing share one backend (``components`` lists them all). Every mapping
+    is logged. The other VRAM fields (``onload_*``, ``preparing_*``, ``computation_*``) are not used.
+    """
+    from ..runtime.options import PluginChoice
+
+    compute = torch.device(device)
+    explicit = list(explicit)
+    specs = [(c, registry.offload.get(c.name)) for c in explicit]
+
+    def covering(kind: str, slot: str) -> list[Any]:
+        return [(c, s) for c, s in specs if s.kind == kind and (c.options.get("components") is None or slot in c.options["components"])]
+
+    fp8: dict[str, list[str]] = {}  # format -> slots
+    where: dict[tuple[str, str], list[str]] = {}  # (backend, offload_device) -> slots
+    for slot, mc in configs.items():
+        if mc is None:
+            continue
+        unused = [f for f in ("onload_device", "onload_dtype", "preparing_device", "preparing_dtype", "computation_device",
+                              "computation_dtype") if getattr(mc, f, None) is not None]  # fmt: skip
+        if unused:
+            log.info("ModelConfig of %s: %s not used (difforge computes on the pipeline's device and torch_dtype)", slot, ", ".join(unused))
+        dtype = _config_dtype(getattr(mc, "offload_dtype", None), slot)
+        if isinstance(dtype, torch.dtype) and dtype != torch_dtype:
+            fmt = _FP8_FORMATS.get(dtype)
+            if fmt is None:
+                raise ConfigError(
+                    f"ModelConfig(offload_dtype={dtype}) of component {slot!r}: difforge stores weights in the pipeline's "
+                    f"torch_dtype ({torch_dtype}) or in fp8; pass torch_dtype={dtype} to from_pretrained for the whole "
+                    "pipeline, or offload_dtype=torch.float8_e4m3fn / torch.float8_e5m2 for fp8 storage of this component"
+                )
+            given = covering("dtype", slot)
+            if not given:
+                fp8.setdefault(fmt, []).append(slot)
+            for choice, spec in given:
+                have = choice.options.get("format", spec.options.get("format"))
+                if have != fmt:
+                    raise ConfigError(
+                        f"component {slot!r}: its ModelConfig asks for offload_dtype={dtype} but offload= gives it "
+                        f"{choice.as_arg()!r} (format {have!r}); drop one, or make them agree"
+                    )
+                log.info("ModelConfig of %s: offload_dtype=%s is given by offload=%r already", slot, dtype, choice.as_arg())
+        request = _location_request(getattr(mc, "offload_device", None), dtype, slot, compute)
+        if request is None:
+            continue
+        given = covering("location", slot)
+        if not given:
+            where.setdefault(request, []).append(slot)
+        for choice, spec in given:
+            options = {**spec.options, **choice.options}
+            keeps = "disk" if spec.name == "disk" else str(_device(options.get("offload_device", "cpu"), "offload_device", spec.name))
+            if _LOCATION_OF.get(spec.name) is None or keeps != request[1]:
+                raise ConfigError(
+                    f"component {slot!r}: its ModelConfig asks for offload_device={request[1]!r} but offload= gives it "
+                    f"{choice.as_arg()!r}, which keeps weights on {keeps!r}; drop one, or restrict the backend with "
+                    "its components option"
+                )
+            log.info("ModelConfig of %s: offload_device=%r is given by offload=%r already", slot, request[1], choice.as_arg())
+    mapped = [PluginChoice("fp8", {"format": fmt, "components": slots}) for fmt, slots in fp8.items()]
+    for (backend, place), slots in where.items():
+        mapped.append(PluginChoice(backend, {"components": slots} if backend == "disk" else {"offload_device": place, "components": slots}))
+    for choice in mapped:
+        log.info("ModelConfig offload fields -> offload backend %r", choice.as_arg())
+    return explicit + mapped
+
+
+def located_slots(registry: Any, choices: Sequence[Any], slots: Iterable[str]) -> set[str]:
+    """The ``slots`` a location backend among ``choices`` will hold (they are loaded on the CPU first)."""
+    held: set[str] = set()
+    for choice in choices:
+        if registry.offload.get(choice.name).kind == "location":
+            wanted = choice.options.get("components")
+            held.update(s for s in slots if wanted is None or s in wanted)
+    return held
 
 
 # ---------------------------------------------------------------- OffloadSpec.apply entry points

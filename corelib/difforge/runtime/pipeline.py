@@ -213,8 +213,13 @@ class Pipeline:
         # every slot is known: now load weights
         from ..loading.load import load_model
 
-        location_offload = any(registry.offload.get(c.name).kind == "location" for c in offload_choices)
-        load_device = torch.device("cpu") if location_offload else device
+        from ..builtin.offload import located_slots, offload_from_model_configs
+
+        offload_choices = offload_from_model_configs(  # ModelConfig offload_device/offload_dtype -> backends
+            registry, {s: c.model_config for s, c in routed.items() if c.spec.role != "tokenizer"}, offload_choices,
+            device=device, torch_dtype=torch_dtype,
+        )
+        located = located_slots(registry, offload_choices, routed)  # loaded on the CPU, the backend moves them
         components: dict[str, Any] = {}
         detections: dict[str, Any] = {}
         for slot_name, comp in routed.items():
@@ -222,7 +227,8 @@ class Pipeline:
                 components[slot_name] = resolve(comp.spec.module).from_folder(comp.paths[0], comp.detection)
             else:
                 components[slot_name] = load_model(
-                    comp.paths, torch_dtype=torch_dtype, device=load_device, detection=comp.detection,
+                    comp.paths, torch_dtype=torch_dtype, device=torch.device("cpu") if slot_name in located else device,
+                    detection=comp.detection,
                     model=comp.spec.name,
                 )
             detections[slot_name] = comp.detection
