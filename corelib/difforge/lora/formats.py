@@ -30,10 +30,23 @@ from .keys import Group, group_by_module, split_lora_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoraFile", "read_lora", "lora_converters", "match_converters", "to_own", "from_own", "convert_lora"]
+__all__ = ["CALL_DEFAULTS_KEY", "SCHEDULER_KEY", "LoraFile", "read_lora", "lora_converters", "match_converters", "to_own", "from_own", "convert_lora"]
 
 METADATA_KEY = "lora_adapter_metadata"
 """The safetensors metadata entry in which diffusers stores the PEFT ``LoraConfig`` (JSON)."""
+
+SCHEDULER_KEY = "difforge.scheduler"
+"""The safetensors metadata entry of a LoRA that needs its own sampler (distilled "Lightning" LoRAs):
+JSON, a scheduler name (``"flow-euler"``) or ``{"name": ..., **options}`` (``{"name": "flow-euler",
+"shift": 3.0}``), as the ``scheduler=`` argument of every pipeline takes it."""
+
+CALL_DEFAULTS_KEY = "difforge.call_defaults"
+"""The safetensors metadata entry of a LoRA's call defaults: a JSON object of pipeline call arguments
+(``{"num_inference_steps": 8, "cfg_scale": 1.0}``) that apply while the LoRA is loaded, unless a call
+gives them."""
+
+CARRIED_KEYS = (SCHEDULER_KEY, CALL_DEFAULTS_KEY)
+"""Metadata entries that export and conversion copy to the new file."""
 
 
 @dataclass
@@ -268,12 +281,14 @@ def from_own(groups: Mapping[str, Group], converter: ConverterSpec, what: str = 
     return out
 
 
-def save_lora(tensors: Mapping[str, Any], path: str | os.PathLike[str], fmt: str) -> Path:
-    """Write a LoRA safetensors file (``format: pt`` plus the layout name in the metadata)."""
+def save_lora(
+    tensors: Mapping[str, Any], path: str | os.PathLike[str], fmt: str, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a LoRA safetensors file (``format: pt``, the layout name and ``metadata`` in its metadata)."""
     from ..loading.state_dict import save_safetensors
 
-    metadata = {"format": "pt", "difforge_lora_format": fmt}
-    return save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata)
+    meta = {**(metadata or {}), "format": "pt", "difforge_lora_format": fmt}
+    return save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()}, path, meta)
 
 
 def convert_lora(
@@ -303,6 +318,7 @@ def convert_lora(
             f"LoRA {lora.label}: {len(unknown)} key(s) no converter understands ({', '.join(unknown[:8])}"
             f"{' ...' if len(unknown) > 8 else ''}); nothing was written"
         )
-    path = save_lora(out, output, to_format)
+    carried = {k: lora.metadata[k] for k in CARRIED_KEYS if k in lora.metadata}
+    path = save_lora(out, output, to_format, carried)
     log.info("wrote %s (%s LoRA, %d tensors)", path, to_format, len(out))
     return path

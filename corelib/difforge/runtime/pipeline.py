@@ -293,13 +293,16 @@ class Pipeline:
         for choice in choices:
             o = registry.offload.get(choice.name)
             merge_options("offload backend", o.name, o.options, choice.options)
+        from ..lora.manager import offload_change
+
         cache = self.cache_choice
         self.set_cache(None)
-        for handle in reversed(self._offload_handles):
-            handle.remove()
-        self._offload_handles = []
-        self.offload_choices = []
-        self._apply_offload(choices)
+        with offload_change(self):  # fused LoRAs leave the weights while the backends change (then fused or hot)
+            for handle in reversed(self._offload_handles):
+                handle.remove()
+            self._offload_handles = []
+            self.offload_choices = []
+            self._apply_offload(choices)
         self.set_cache(cache.as_arg() if cache else None)
 
     def set_cache(self, cache: str | Mapping[str, Any] | None) -> None:
@@ -339,12 +342,16 @@ class Pipeline:
     # ------------------------------------------------------------ LoRA (difforge.lora)
 
     def load_lora(self, lora: Any, scale: float = 1.0, fuse: bool | None = None, target: Any = "dit",
-                  name: str | None = None, strict: bool = True) -> str:
+                  name: str | None = None, strict: bool = True, scheduler: Any = None) -> str:
         """Load a LoRA (path, ``ModelConfig`` or state dict) in any registered format; returns its name.
-        ``fuse=None`` fuses unless an offload backend is active; see :mod:`difforge.lora`."""
+        ``fuse=None`` fuses unless an offload backend is active. ``scheduler`` (a name or dict) is used
+        while the LoRA is loaded; None: the file's ``difforge.scheduler`` metadata, if any; False: ignore
+        it. ``clear_lora`` restores the previous scheduler. See :mod:`difforge.lora`."""
         from ..lora import lora_manager
 
-        return lora_manager(self).load(lora, scale=scale, fuse=fuse, target=target, name=name, strict=strict)
+        return lora_manager(self).load(
+            lora, scale=scale, fuse=fuse, target=target, name=name, strict=strict, scheduler=scheduler
+        )
 
     def clear_lora(self, name: str | None = None) -> None:
         """Remove LoRA ``name`` (None: all); fused weights get their original bits back."""
