@@ -185,6 +185,17 @@ def difforge_register_converters() -> Iterator[ConverterSpec]:
         inverse_rename=f"{CONVERT}:clip_to_ldm",
         description="CLIP-L inside an original single file: cond_stage_model.transformer. / conditioner.embedders.0.transformer.",
     )
+    yield ConverterSpec(
+        name="sdxl-clip-g-openclip",
+        source_format="openclip",
+        target_model="clip-text",
+        detect=f"{CONVERT}:is_openclip_ldm",
+        rename=f"{CONVERT}:openclip_from_ldm",
+        transform=f"{CONVERT}:openclip_split",
+        inverse_rename=f"{CONVERT}:openclip_to_ldm",
+        inverse_transform=f"{CONVERT}:openclip_fuse",
+        description="SDXL's OpenCLIP-G in an original single file: conditioner.embedders.1.model. (fused in_proj)",
+    )
     for model in ("sd-unet", "sdxl-unet"):
         for fmt, example in (
             ("diffusers", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight (PEFT)"),

@@ -9,10 +9,13 @@
   convolutions there, and the decoder's levels are numbered the other way round.
 - CLIP-L, ``ldm``: ``cond_stage_model.transformer.`` (SD 1.x) or ``conditioner.embedders.0.transformer.``
   (SDXL) + transformers' own names: only the prefix goes.
+- OpenCLIP ViT-bigG, ``openclip``: SDXL's ``conditioner.embedders.1.model.transformer.resblocks.N...``
+  with fused ``in_proj`` q/k/v and a transposed ``text_projection``.
 
 A full single-file checkpoint holds all of these: every converter claims it, so it is loaded once per
 component with ``ModelConfig(path=..., model="sd-unet" | "sd-vae" | "clip-text")`` (the other keys
-are dropped by each rename).
+are dropped by each rename); SDXL's two text encoders are told apart by ``format="ldm"`` (CLIP-L) and
+``format="openclip"`` (CLIP-G).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "is_unet_ldm", "unet_from_ldm", "unet_to_ldm", "unet_ldm_upsampler_slots",
     "is_vae_ldm", "vae_from_ldm", "vae_to_ldm", "vae_reverse_decoder", "vae_to_ldm_transform",
     "is_clip_ldm", "clip_from_ldm", "clip_to_ldm",
+    "is_openclip_ldm", "openclip_from_ldm", "openclip_to_ldm", "openclip_split", "openclip_fuse",
 ]
 
 _LAYERS = 2  # resnets per down block in every released SD / SDXL U-Net (the ldm numbering depends on it)
@@ -240,3 +244,84 @@ def clip_from_ldm(key: str) -> str | None:
 
 def clip_to_ldm(key: str) -> str | None:
     return _CLIP_PREFIXES[0] + key if key.startswith("text_model.") else None
+
+
+# ---------------------------------------------------------------- OpenCLIP ViT-bigG (SDXL's second encoder): ldm
+
+_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+_OPENCLIP = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "text_projection": "text_projection.weight",
+}
+_OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "attn.in_proj": "self_attn.in_proj"}
+_OPENCLIP_BACK = {v: k for k, v in _OPENCLIP.items()}
+_OPENCLIP_LAYER_BACK = {v: k for k, v in _OPENCLIP_LAYER.items()}
+
+
+def is_openclip_ldm(keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> bool:
+    """SDXL's OpenCLIP ViT-bigG text tower in an original single file (fused ``in_proj`` q/k/v)."""
+    return f"{_OPENCLIP_PREFIX}transformer.resblocks.0.attn.in_proj_weight" in set(keys)
+
+
+def openclip_from_ldm(key: str) -> str | None:
+    """Rename (q/k/v stay fused as ``self_attn.in_proj`` until :func:`openclip_split`)."""
+    if not key.startswith(_OPENCLIP_PREFIX):
+        return None
+    key = key[len(_OPENCLIP_PREFIX) :]
+    if key in _OPENCLIP:
+        return _OPENCLIP[key]
+    if m := re.match(r"^transformer\.resblocks\.(\d+)\.(ln_1|ln_2|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)$", key):
+        return f"text_model.encoder.layers.{m[1]}.{_OPENCLIP_LAYER[m[2]]}.{m[3]}"
+    if m := re.match(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key):
+        return f"text_model.encoder.layers.{m[1]}.self_attn.in_proj.{m[2]}"
+    return None  # logit_scale, attn_mask
+
+
+def openclip_split(sd: dict[str, Any]) -> dict[str, Any]:
+    """Transform: fused ``in_proj`` -> ``q_proj``/``k_proj``/``v_proj``; ``text_projection`` is applied as
+    ``x @ P`` in OpenCLIP, so transformers' linear weight is its transpose."""
+    out = {}
+    for k, v in sd.items():
+        if m := re.match(r"^(.+)\.self_attn\.in_proj\.(weight|bias)$", k):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[f"{m[1]}.self_attn.{name}.{m[2]}"] = part
+        elif k == "text_projection.weight":
+            out[k] = v.t()
+        else:
+            out[k] = v
+    return out
+
+
+def openclip_fuse(sd: dict[str, Any]) -> dict[str, Any]:
+    """Inverse transform of :func:`openclip_split`."""
+    import torch
+
+    out = {}
+    for k, v in sd.items():
+        if m := re.match(r"^(.+)\.self_attn\.q_proj\.(weight|bias)$", k):
+            parts = [sd[f"{m[1]}.self_attn.{n}.{m[2]}"] for n in ("q_proj", "k_proj", "v_proj")]
+            out[f"{m[1]}.self_attn.in_proj.{m[2]}"] = torch.cat(parts, dim=0)
+        elif re.match(r"^.+\.self_attn\.(k|v)_proj\.(weight|bias)$", k):
+            continue
+        elif k == "text_projection.weight":
+            out[k] = v.t()
+        else:
+            out[k] = v
+    return out
+
+
+def openclip_to_ldm(key: str) -> str | None:
+    if key in _OPENCLIP_BACK:
+        return _OPENCLIP_PREFIX + _OPENCLIP_BACK[key]
+    if m := re.match(r"^text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key):
+        theirs = _OPENCLIP_LAYER_BACK.get(m[2])
+        if theirs is None:
+            return None
+        if theirs == "attn.in_proj":
+            return f"{_OPENCLIP_PREFIX}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"
+        return f"{_OPENCLIP_PREFIX}transformer.resblocks.{m[1]}.{theirs}.{m[3]}"
+    return None

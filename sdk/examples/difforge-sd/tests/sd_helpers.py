@@ -132,7 +132,7 @@ def write_pipeline(folder: Path, kind: str, scheduler: Any) -> Path:
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         tok2 = CLIPTokenizer.from_pretrained(_tokenizer(folder / "_tok2", pad="!"))
-        clip2 = _clip(tok2, 64, "gelu", 32, 4)
+        clip2 = _clip(tok2, 64, "gelu", 32, 4, heads=1)
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip, text_encoder_2=clip2, tokenizer=tok, tokenizer_2=tok2,
                                          unet=unet, scheduler=scheduler)
     pipe.save_pretrained(folder / "diffusers")

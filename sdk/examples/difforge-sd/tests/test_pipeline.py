@@ -150,9 +150,14 @@ def _single_file(kind: str, folder: Path, path: Path) -> Path:
     tensors |= to_foreign_layout(vae, vae_conv.inverse_rename, vae_conv.inverse_transform, strict=True)
     clip = load_file(folder / "text_encoder" / "model.safetensors")
     clip = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in clip.items()}
-    if kind == "sdxl":  # SDXL files spell CLIP-L's place conditioner.embedders.0.transformer.
+    if kind == "sdxl":  # SDXL files spell CLIP-L's place conditioner.embedders.0.transformer., CLIP-G is OpenCLIP's
         tensors |= {k.replace("cond_stage_model.", "conditioner.embedders.0."): v
                     for k, v in to_foreign_layout(clip, clip_conv.inverse_rename).items()}
+        g = reg.converters.get("sdxl-clip-g-openclip")
+        clip_g = load_file(folder / "text_encoder_2" / "model.safetensors")
+        clip_g = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v for k, v in clip_g.items()}
+        tensors |= to_foreign_layout(clip_g, g.inverse_rename, g.inverse_transform, strict=True)
+        tensors["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6)  # dropped on loading
     else:
         tensors |= to_foreign_layout(clip, clip_conv.inverse_rename)
     assert any(k.startswith("model.diffusion_model.input_blocks.") for k in tensors)
@@ -163,14 +168,17 @@ def _single_file(kind: str, folder: Path, path: Path) -> Path:
 def test_original_single_file_loads_to_the_same_output(tiny, tmp_path):
     kind, folder = tiny
     path = _single_file(kind, folder, tmp_path / f"{kind}-tiny.safetensors")
-    models = ["sd-unet" if kind == "sd" else "sdxl-unet", "sd-vae", "clip-text"]
+    models = ["sd-unet" if kind == "sd" else "sdxl-unet", "sd-vae"]
     configs = [ModelConfig(path=str(path), model=m) for m in models]
-    if kind == "sdxl":  # CLIP-G (OpenCLIP layout in the file) from the diffusers folder
-        configs.append(ModelConfig(path=str(folder / "text_encoder_2")))
+    configs.append(ModelConfig(path=str(path), model="clip-text", format="ldm"))  # CLIP-L
+    if kind == "sdxl":
+        configs.append(ModelConfig(path=str(path), model="clip-text", format="openclip"))  # CLIP-G
     toks = [str(folder / "tokenizer")] + ([str(folder / "tokenizer_2")] if kind == "sdxl" else [])
     single = Pipeline.from_pretrained(kind, configs, tokenizer_config=toks, device="cpu",
                                       scheduler="ddim" if kind == "sd" else "euler")
     assert single.detections["unet"].format == "ldm" and single.detections["vae"].format == "ldm"
+    if kind == "sdxl":
+        assert single.detections["text_encoder_2"].format == "openclip"
     from_folder = Pipeline.from_pretrained(kind, str(folder), device="cpu")
     noise = _noise(4)
     a, b = _ours(single, noise, output_type="latent"), _ours(from_folder, noise, output_type="latent")
