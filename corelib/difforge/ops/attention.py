@@ -19,6 +19,7 @@ import torch
 
 from .._names import normalize_name, resolve
 from ..errors import ConfigError
+from ..parallel.sequence import sequence_attention, sharding
 from ..specs import AttentionQuery, AttentionSpec
 
 __all__ = ["attention", "use_attention", "attention_backend", "current_attention_backend"]
@@ -134,7 +135,20 @@ def attention(
 
     ``mask``: boolean, broadcastable to ``[B, H, Nq, Nk]``, True where a query may attend.
     ``scale``: defaults to ``D ** -0.5``. k and v may have fewer heads than q (grouped-query).
+
+    Inside a DiT forward sharded by Ulysses sequence parallelism (:mod:`difforge.parallel`), the token
+    shards are exchanged for head shards around the backend call (``mask`` is then the local key mask).
     """
+    if sharding():
+        out = sequence_attention(q, k, v, mask, lambda q, k, v, m: _attention(q, k, v, m, scale, backend))
+        if out is not None:
+            return out
+    return _attention(q, k, v, mask, scale, backend)
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None, backend: str | None
+) -> torch.Tensor:
     query = make_query(q, k, v, mask)
     name = backend or current_attention_backend()
     spec = attention_backend(query, name)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .._names import normalize_name, resolve
+from .. import parallel as _parallel
 from ..errors import ConfigError
 from ..ops.attention import use_attention
 from ..plugins import get_plugin_manager, get_registry
@@ -93,6 +94,8 @@ class Pipeline:
     defaults: Mapping[str, Any] = {"num_inference_steps": 28, "height": 1024, "width": 1024, "cfg_scale": 1.0}
     #: family call arguments without a default (``input_video``, ...), besides those in ``defaults``
     call_arguments: frozenset[str] = frozenset()
+    #: this process's place in a parallel launch (:mod:`difforge.parallel`); None in a single process
+    parallel_state: Any = None
 
     def __init__(
         self,
@@ -155,6 +158,10 @@ class Pipeline:
         cache: str | Mapping[str, Any] | None = None,
         offload: Any = None,
         scheduler: str | Mapping[str, Any] | None = None,
+        parallelism: int | None = None,
+        cfg_parallel: int | None = None,
+        ulysses_degree: int | None = None,
+        ring_degree: int | None = None,
     ) -> Pipeline:
         """Assemble pipeline ``name`` from checkpoint files, in any order.
 
@@ -162,7 +169,13 @@ class Pipeline:
         (``model_index.json`` + component subfolders), or None for the pipeline's default sources.
         Every file is detected from its header and routed to its slot; a missing required
         component, an unknown plugin name or a bad option fails before any weights are read.
+
+        ``parallelism`` (= ``cfg_parallel * ulysses_degree * ring_degree``): run on that many processes,
+        see :mod:`difforge.parallel`; in a plain process this returns a ``ParallelPipeline`` that owns
+        the workers, under ``torchrun`` a Pipeline of this rank.
         """
+        given = dict(model_configs=model_configs, tokenizer_config=tokenizer_config, torch_dtype=torch_dtype,
+                     attention=attention, cache=cache, offload=offload, scheduler=scheduler)  # fmt: skip
         registry = get_registry()
         spec = registry.pipelines.get(name)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -209,6 +222,22 @@ class Pipeline:
         )
         tokenizers = [assembly.as_model_config(t) for t in tokenizers]
         routed = assembly.route(registry, spec, configs, tokenizers)
+        layout = _parallel.plan_layout(
+            parallelism, cfg_parallel, ulysses_degree, ring_degree, pipeline=spec.name,
+            uses_cfg=_parallel.default_uses_cfg(resolve(spec.pipeline)),
+        )
+        parallel_state = None
+        if layout is not None:  # every check before weights are read, then spawn workers or join torchrun
+            joined = _parallel.launched_by_torchrun()
+            _parallel.check_devices(layout, device, world_size_hint=1 if joined else None)
+            for comp in routed.values():
+                if comp.spec.role in DENOISER_ROLES:
+                    config = getattr(comp.detection, "config", None)
+                    _parallel.check_denoiser(layout, comp.spec.name, resolve(comp.spec.module), config)
+            if not joined:
+                return _parallel.ParallelPipeline(spec.name, layout, device, given)
+            parallel_state = _parallel.join_launch(layout, device)
+            device = parallel_state.device
 
         # every slot is known: now load weights
         from ..loading.load import load_model
@@ -234,6 +263,7 @@ class Pipeline:
             detections[slot_name] = comp.detection
         pipeline_cls = resolve(spec.pipeline)
         pipe: Pipeline = pipeline_cls(spec, components, device=device, torch_dtype=torch_dtype, detections=detections)
+        pipe.parallel_state = parallel_state
         pipe.set_scheduler(scheduler_choice.as_arg() if scheduler_choice else None, _folder=folder_scheduler)
         pipe._apply_offload(offload_choices)
         pipe.set_cache(cache_choice.as_arg() if cache_choice else None)
@@ -479,6 +509,13 @@ class Pipeline:
         cfg_scale: float,
         extra: Mapping[str, Any],
     ) -> torch.Tensor:
+        state = self.parallel_state
+        if uncond is not None and state is not None and state.layout.cfg == 2:  # CFG parallel: one branch per rank
+            branch = "cond" if state.cfg_rank == 0 else "uncond"
+            with cfg_branch(branch):
+                mine = self.predict(latents, timestep, cond if branch == "cond" else uncond, **extra)
+            positive, negative = _parallel.gather_cfg_branches(mine, state)
+            return self.guide(positive, negative, cfg_scale)
         with cfg_branch("cond"):
             positive = self.predict(latents, timestep, cond, **extra)
         if uncond is None:
@@ -538,7 +575,9 @@ class Pipeline:
             raise ConfigError(f"pipeline {self.spec.name!r} takes no argument {', '.join(hints)}")
         self.check_inputs(kw)
         extra = {k: v for k, v in kw.items() if k not in RUNTIME_ARGUMENTS}
-        with torch.inference_mode(), use_attention(self.attention):
+        if self.parallel_state is not None and kw.get("seed") is None and kw.get("latents") is None:
+            kw["seed"] = self.parallel_state.shared_seed()  # the same noise on every rank
+        with torch.inference_mode(), use_attention(self.attention), _parallel.use(self.parallel_state):
             return self._run(kw, extra, rand_device, callback, progress_bar_cmd)
 
     def size_from_latents(self, latents: torch.Tensor) -> tuple[int, int]:

@@ -48,7 +48,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PIPELINE_KEYS = ("name", "torch_dtype", "device", "attention", "cache", "offload", "scheduler", "folder")
+PIPELINE_KEYS = (
+    "name", "torch_dtype", "device", "attention", "cache", "offload", "scheduler", "folder",
+    "parallelism", "cfg_parallel", "ulysses_degree", "ring_degree",
+)
+PARALLEL_KEYS = ("parallelism", "cfg_parallel", "ulysses_degree", "ring_degree")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -64,6 +68,10 @@ class Recipe:
     offload: Any = None
     scheduler: Any = None
     folder: str | None = None
+    parallelism: int | None = None
+    cfg_parallel: int | None = None
+    ulysses_degree: int | None = None
+    ring_degree: int | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
     source: str | None = None
@@ -98,6 +106,7 @@ class Recipe:
             cache=self.cache,
             offload=self.offload,
             scheduler=self.scheduler,
+            **{k: getattr(self, k) for k in PARALLEL_KEYS},
         )
 
     def to_toml(self) -> str:
@@ -172,6 +181,10 @@ def parse_recipe(data: Mapping[str, Any], source: str | None = None) -> Recipe:
         entries = data.get(table, [])
         if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
             raise ConfigError(f"{where}: [[{table}]] must be an array of tables")
+    for key in PARALLEL_KEYS:
+        value = pipeline.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: [pipeline] {key} must be an integer >= 1, got {value!r}")
     defaults = data.get("defaults", {})
     if not isinstance(defaults, Mapping):
         raise ConfigError(f"{where}: [defaults] must be a table of call arguments")

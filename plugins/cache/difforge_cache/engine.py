@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difforge import parallel
 from difforge._names import normalize_name
 from difforge.errors import ConfigError
 from difforge.runtime import current_cfg_branch
@@ -87,9 +88,14 @@ _COUNTERS = ("steps", "steps_computed", "steps_cached", "blocks_computed", "bloc
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """``mean|current - previous| / mean|previous|``, accumulated in float32."""
+    """``mean|current - previous| / mean|previous|``, accumulated in float32. Under Ulysses sequence
+    parallelism each rank holds an equal shard of the tokens: the means are summed over the ranks, so
+    every rank takes the same skip decision."""
     num = (current - previous).abs().mean(dtype=torch.float32)
-    return (num / previous.abs().mean(dtype=torch.float32)).item()
+    den = previous.abs().mean(dtype=torch.float32)
+    if parallel.sharding():
+        num, den = parallel.all_reduce_sum(torch.stack((num, den))).unbind()
+    return (num / den).item()
 
 
 @dataclass(frozen=True)

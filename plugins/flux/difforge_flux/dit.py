@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difforge import parallel
 from difforge.errors import ConfigError
 from difforge.ops import attention
 
@@ -313,6 +314,7 @@ class FluxDiT(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
         self.final_layer = LastLayer(dim, config.out_channels)
 
+    @parallel.sequence_parallel
     def forward(
         self,
         img: torch.Tensor,
@@ -358,11 +360,14 @@ class FluxDiT(nn.Module):
         pe = rope_rotations(torch.cat((txt_ids, img_ids), dim=-2), self.config.axes_dim, self.config.theta)
 
         img, txt = self.img_in(img), self.txt_in(txt)
+        n_img, n_txt = img.shape[1], txt.shape[1]  # Ulysses (no-ops in one process): shard [txt, img] and RoPE
+        txt, img = parallel.shard_tokens(txt, img)
+        pe = parallel.shard_parts(pe, (n_txt, n_img), dim=2)
         for block in self.double_blocks:
             img, txt = block(img, txt, vec=vec, pe=pe)
         for block in self.single_blocks:
             img, txt = block(img, txt, vec=vec, pe=pe)
-        return self.final_layer(img, vec)
+        return parallel.gather_tokens(self.final_layer(img, vec), n_img)
 
 
 # ---------------------------------------------------------------- config inference

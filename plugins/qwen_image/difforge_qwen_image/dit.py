@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difforge import parallel
 from difforge.errors import ConfigError
 from difforge.ops import attention
 
@@ -294,6 +295,7 @@ class QwenImageDiT(nn.Module):
         self.norm_out = OutputNorm(dim)
         self.proj_out = nn.Linear(dim, 4 * config.out_channels)
 
+    @parallel.sequence_parallel
     def forward(
         self,
         img: torch.Tensor,
@@ -336,9 +338,13 @@ class QwenImageDiT(nn.Module):
 
         img = self.img_in(img)
         txt = self.txt_in(self.txt_norm(txt))
+        n_img, n_txt = img.shape[1], txt.shape[1]  # Ulysses (no-ops in one process): shard [txt, img], RoPE, mask
+        txt, img = parallel.shard_tokens(txt, img)
+        rope = (parallel.shard(rope[0], 1), parallel.shard(rope[1], 1))
+        mask = None if mask is None else parallel.shard_parts(mask, (n_txt, n_img), dim=3)
         for block in self.transformer_blocks:
             img, txt = block(img, txt, temb=temb, rope=rope, mask=mask)
-        return self.proj_out(self.norm_out(img, temb))
+        return parallel.gather_tokens(self.proj_out(self.norm_out(img, temb)), n_img)
 
 
 # ---------------------------------------------------------------- config inference

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difforge import parallel
 from difforge.errors import ConfigError
 from difforge.ops import attention
 
@@ -184,7 +185,9 @@ class Attention(nn.Module):
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return self.o(attention(q, k, v).transpose(1, 2).flatten(2))
+        with parallel.keys_replicated(context is not None):  # Ulysses shards x, never the text
+            out = attention(q, k, v)
+        return self.o(out.transpose(1, 2).flatten(2))
 
 
 class WanBlock(nn.Module):
@@ -267,6 +270,7 @@ class WanDiT(nn.Module):
         e0 = self.time_projection(e).float().unflatten(1, (6, -1))
         return TimeModulation(e.float()[:, None], index), TimeModulation(e0, index)
 
+    @parallel.sequence_parallel
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Predict the flow velocity of a latent video.
 
@@ -287,9 +291,14 @@ class WanDiT(nn.Module):
         x = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # [B, L, dim]
         e, e0 = self.time_modulation(timestep, x.shape[1])
         context = self.text_embedding(context)
+        tokens = x.shape[1]  # Ulysses (no-ops in one process): shard the video tokens, RoPE, per-token timesteps
+        (x,) = parallel.shard_tokens(x)
+        rope = parallel.shard(rope, 2)
+        if e.index is not None:
+            e, e0 = (TimeModulation(m.values, parallel.shard(m.index, 1)) for m in (e, e0))
         for block in self.blocks:
             x = block(x, context=context, e=e0, rope=rope)
-        x = self.head(x, e)  # [B, L, C * pt * ph * pw]
+        x = parallel.gather_tokens(self.head(x, e), tokens)  # [B, L, C * pt * ph * pw]
         x = x.view(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, -1, f, h, w)
 
