@@ -13,14 +13,22 @@ original weight tensors are kept (CPU weights: the same storage, no copy; accele
 copy), so clearing restores them bit for bit. *Hot* adds ``scale * B(A(x))`` to the layer's output
 from a removable forward hook; it works on fp8-stored and offloaded layers. ``fuse=None`` fuses
 unless an offload backend is active; ``fuse=True`` on fp8-stored or streamed (sequential/disk)
-weights is refused with a :class:`~difforge.ConfigError`. Hot LoRAs survive ``pipe.set_offload``;
-clear fused ones before changing offload backends (a weight replaced under a fused LoRA is reported
-when it is cleared). ``lora_manager(pipe).loras`` lists what is loaded (:class:`LoadedLora`).
+weights is refused with a :class:`~difforge.ConfigError`. ``pipe.set_offload`` takes fused LoRAs out
+of the weights while the backends change and puts them back, fused where the new backends allow it,
+else hot (:func:`offload_change`); clearing restores the original weights either way.
+``lora_manager(pipe).loras`` lists what is loaded (:class:`LoadedLora`).
+
+Settings. ``load_lora(..., scheduler=...)`` or the file's ``difforge.scheduler`` metadata
+(:data:`SCHEDULER_KEY`, JSON: a scheduler name or ``{"name": ..., **options}``) sets the pipeline's
+scheduler while the LoRA is loaded (distilled "Lightning" LoRAs need their own shift); the
+``difforge.call_defaults`` metadata (:data:`CALL_DEFAULTS_KEY`, a JSON object such as
+``{"num_inference_steps": 8, "cfg_scale": 1.0}``) sets call defaults. ``clear_lora`` restores what
+the pipeline had before; export and :func:`convert_lora` keep both entries.
 """
 
 from __future__ import annotations
 
-from .formats import LoraFile, convert_lora, lora_converters, read_lora
+from .formats import CALL_DEFAULTS_KEY, SCHEDULER_KEY, LoraFile, convert_lora, lora_converters, read_lora
 from .keys import (
     KOHYA_SUFFIXES,
     PEFT_SUFFIXES,
@@ -38,10 +46,12 @@ from .keys import (
     ungroup,
 )
 from .layers import FusedWeight, HotLayer, LoraDelta
-from .manager import LoadedLora, LoraManager, lora_manager
+from .manager import LoadedLora, LoraManager, lora_manager, offload_change
 
 __all__ = [
+    "CALL_DEFAULTS_KEY",
     "KOHYA_SUFFIXES",
+    "SCHEDULER_KEY",
     "PEFT_SUFFIXES",
     "FusedWeight",
     "HotLayer",
@@ -58,6 +68,7 @@ __all__ = [
     "lora_manager",
     "lora_renamer",
     "merge_parts",
+    "offload_change",
     "own_key",
     "parse_own_key",
     "read_lora",

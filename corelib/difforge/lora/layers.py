@@ -146,7 +146,8 @@ class FusedWeight:
         if self.layer._parameters.get("weight") is not self.param:
             raise DifforgeError(
                 f"LoRA: the weight of {self.name} was replaced since a LoRA was fused into it (an offload or "
-                "dtype backend applied afterwards?); fused LoRAs must be cleared before changing offload"
+                "dtype backend applied by hand?); change offload backends with pipe.set_offload, which takes "
+                "fused LoRAs out of the weights around the change, or clear the LoRA first"
             )
 
     def set(self, lora: str, delta: LoraDelta | None, scale: float = 1.0) -> None:
