@@ -8,7 +8,8 @@ references:
   ``model.diffusion_model.``, which the core strips.
 
 LoRA converters (:mod:`.lora`, ``kind="lora"``) of the DiT: ``diffusers`` (diffusers/PEFT, ComfyUI,
-DiffSynth-Studio: diffusers module names behind any prefix) and ``kohya`` (``lora_unet_transformer_blocks_0_...``).
+DiffSynth-Studio: diffusers module names behind any prefix), ``kohya`` (``lora_unet_transformer_blocks_0_...``)
+and ``comfyui`` (export only: ``diffusion_model.`` + diffusers names).
 
 The VAE is difforge-wan's ``wan-vae`` (:class:`difforge_wan.vae.WanVAE`): Qwen-Image's VAE is the
 Wan 2.1 causal-3D VAE used on single frames, with the same keys, shapes and per-channel latent
@@ -113,6 +114,7 @@ def difforge_register_converters() -> Iterator[ConverterSpec]:
         ("diffusers", "transformer.transformer_blocks.0.attn.to_q.lora_A.weight; diffusion_model. (ComfyUI) or no "
                       "prefix (DiffSynth-Studio), lora_A/lora_down"),
         ("kohya", "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight + .alpha"),
+        ("comfyui", "written only: diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight (read as diffusers)"),
     ):
         yield ConverterSpec(
             name=f"qwen-image-dit-lora-{fmt}",

@@ -9,6 +9,10 @@ in how the down/up projections are spelt; no tensor is edited. Formats, detected
   (DiffSynth-Studio: ``transformer_blocks.0.attn.to_q.lora_A.default.weight``, Qwen-Image-Lightning),
   ``base_model.model.`` (PEFT adapters); any of ``lora_A``/``lora_B``, ``lora_down``/``lora_up`` with
   or without an adapter name, ``alpha`` keys or the PEFT config in the file's metadata.
+- ``comfyui`` (written only): diffusers module names behind ``diffusion_model.``, as ComfyUI's Qwen-Image
+  LoRAs are; such files are read by ``diffusers`` above (the core strips the common prefix), so this
+  converter claims no file and exists for ``export_lora(..., format="comfyui")`` and
+  ``difforge convert --lora --to comfyui``.
 - ``kohya``: sd-scripts / musubi-tuner / ai-toolkit's underscored names
   (``lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``),
   also spelt ``lora_transformer_...``.
@@ -69,6 +73,8 @@ rename_diffusers = lora_renamer(own_module, ("transformer.", "base_model.model."
 rename_kohya = lora_renamer(kohya_module)
 inverse_diffusers = lora_inverse_renamer(own_module, "transformer.")
 inverse_kohya = lora_inverse_renamer(kohya_name, "", KOHYA_SUFFIXES)
+rename_comfyui = rename_diffusers
+inverse_comfyui = lora_inverse_renamer(own_module, "diffusion_model.")
 
 SHARED = ("img_in", "txt_in", "proj_out", "norm_out.linear")
 """Modules other families spell alike: they alone do not make a file Qwen-Image's."""
@@ -80,3 +86,9 @@ def is_diffusers(keys: Sequence[str], metadata: Mapping[str, str] | None = None)
 
 def is_kohya(keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> bool:
     return claims_any(rename_kohya, keys, SHARED)
+
+
+def is_comfyui(keys: Sequence[str], metadata: Mapping[str, str] | None = None) -> bool:
+    """Never: ComfyUI's files are diffusers names behind ``diffusion_model.``, read by the ``diffusers``
+    converter (one converter per file); this one only writes them."""
+    return False
