@@ -4,7 +4,8 @@ A tiny diffusers pipeline (random U-Net, VAE and CLIP encoders, locally trained 
 released scheduler config) is saved with ``save_pretrained``; difforge assembles it from that folder
 (its ``scheduler_config.json`` translated to our ``ddim`` / ``euler``) and from an original
 single-file (``ldm``) checkpoint written with our inverse key maps, and both sides denoise the same
-initial noise. DeepCache at interval 1 must change nothing; at interval 2 it must skip and change
+initial noise (img2img: the same image and noise; the tiny VAE's latent distribution is a point, so
+diffusers' sampling of it and our mean agree). DeepCache at interval 1 must change nothing; at interval 2 it must skip and change
 the output.
 """
 
@@ -124,15 +125,27 @@ def test_v_prediction_dpmpp_2m_matches_diffusers(tiny):
     assert (got - want).abs().max() < 1e-3
 
 
-def test_image_to_image_starts_from_the_image(tiny):
+def test_image_to_image_matches_diffusers(tiny):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
     kind, folder = tiny
+    cls = StableDiffusionImg2ImgPipeline if kind == "sd" else StableDiffusionXLImg2ImgPipeline
+    ref = cls.from_pretrained(folder, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    generator = torch.Generator().manual_seed(0)
+    want = ref(PROMPT, image=image, strength=0.6, num_inference_steps=5, guidance_scale=4.0, generator=generator,
+               output_type="latent").images
+    # diffusers draws the latent sample, then the noise, from one generator: our initial noise is the second draw
+    g = torch.Generator().manual_seed(0)
+    torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=g)
+    noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=g)
     pipe = Pipeline.from_pretrained(kind, str(folder), device="cpu")
-    image = np.random.default_rng(0).uniform(0, 1, (SIZE, SIZE, 3)).astype(np.float32)
-    full = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=4, seed=0, output_type="latent", **QUIET)
-    half = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=4, seed=0, output_type="latent",
-                input_image=image, denoising_strength=0.5, **QUIET)
-    assert len(pipe.scheduler.timesteps) == 2  # diffusers' rule: int(4 * 0.5) steps
-    assert half.shape == full.shape and (half - full).abs().max() > 1e-3
+    got = pipe(PROMPT, input_image=image, denoising_strength=0.6, num_inference_steps=5, cfg_scale=4.0, latents=noise,
+               height=SIZE, width=SIZE, output_type="latent", **QUIET)
+    assert len(pipe.scheduler.timesteps) == 3  # int(5 * 0.6) steps, as diffusers
+    assert (got - want).abs().max() < 1e-3
 
 
 # ---------------------------------------------------------------- the original single-file layout
