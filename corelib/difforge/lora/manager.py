@@ -285,7 +285,7 @@ class LoraManager:
         if scheduler is not None:
             before = self._current("scheduler")
             self.pipe.set_scheduler(scheduler)
-            entry.scheduler = self.pipe.scheduler_choice.as_arg()
+            entry.scheduler = dict(scheduler) if isinstance(scheduler, Mapping) else scheduler  # as given: export writes it
             entry._restore["scheduler"] = (before, self._current("scheduler"))
             log.info("LoRA %r sets the scheduler to %r (cleared with it)", entry.name, entry.scheduler)
         if defaults is not None:

@@ -166,7 +166,13 @@ def test_comfyui_and_kohya_layouts_give_the_same_video(tiny, lora, tmp_path) -> 
     assert "lora_unet_blocks_1_cross_attn_o.lora_up.weight" in load_file(str(layouts["kohya"][0]))
     # diffusers' own reader of Wan-AI-named files agrees with our key map
     assert _diff(_reference(tiny, lora["noise"], layouts["comfyui-baked"][0]), lora["lora"]) < 1e-3
+    # and its reader of musubi-tuner files (blocks only: it knows no other module) agrees with our kohya map
+    kohya = load_file(str(layouts["kohya"][0]))
+    blocks = _write({k: v for k, v in kohya.items() if k.startswith("lora_unet_blocks_")}, tmp_path / "blocks.safetensors")
     pipe = Pipeline.from_pretrained("wan", str(tiny), device="cpu")
+    pipe.load_lora(blocks, fuse=False)
+    assert _diff(_run(pipe, lora), _reference(tiny, lora["noise"], blocks)) < 1e-3
+    pipe.clear_lora()
     base = _run(pipe, lora)
     for layout, (path, fmt) in layouts.items():
         for fuse in (True, False):
@@ -229,3 +235,29 @@ def test_i2v_modules_are_reported_and_strict_false_skips_them(tiny, lora, tmp_pa
     pipe.load_lora(path, strict=False)
     assert "skipped 0 unknown key(s) and 1 mismatched module(s)" in caplog.text
     assert _diff(_run(pipe, lora), lora["lora"]) < 1e-3
+
+
+def test_a_lightning_style_lora_sets_and_restores_the_scheduler(tiny, lora, tmp_path) -> None:
+    """The LoRA's ``difforge.scheduler`` / ``difforge.call_defaults`` metadata (what a distilled LoRA needs) apply
+    while it is loaded, are kept by export, and clearing restores the release's UniPC at shift 3."""
+    own = _own(lora["path"])
+    path = tmp_path / "lightning.safetensors"
+    save_file({inverse_comfyui(k): v.contiguous() for k, v in own.items()}, str(path),
+              {"difforge.scheduler": '{"name": "flow-euler", "shift": 5.0}',
+               "difforge.call_defaults": '{"num_inference_steps": 3}'})  # fmt: skip
+    pipe = Pipeline.from_pretrained("wan", str(tiny), device="cpu")
+    release = pipe.scheduler_choice  # the folder's UniPC, flow shift 3
+    assert release.name == "flow-unipc" and release.options["shift"] == 3.0
+    call = {k: v for k, v in CALL.items() if k != "num_inference_steps"}
+    pipe.load_lora(path, fuse=False)
+    assert pipe.scheduler_choice.name == "flow-euler" and pipe.scheduler.shift == 5.0
+    got = pipe(PROMPT, latents=lora["noise"].clone(), **call)
+    exported = read_lora(pipe.export_lora("lightning", tmp_path / "out.safetensors", format="diffusers"))
+    assert exported.metadata["difforge.call_defaults"] == '{"num_inference_steps": 3}'
+    assert exported.metadata["difforge.scheduler"] == '{"name": "flow-euler", "shift": 5.0}'
+    pipe.clear_lora()
+    assert pipe.scheduler_choice is release
+    assert "call_defaults" not in pipe.__dict__
+    same = Pipeline.from_pretrained("wan", str(tiny), device="cpu", scheduler={"name": "flow-euler", "shift": 5.0})
+    same.load_lora(path, fuse=False, scheduler=False)
+    assert np.array_equal(got, same(PROMPT, latents=lora["noise"].clone(), num_inference_steps=3, **call))
