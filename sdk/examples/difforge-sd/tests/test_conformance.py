@@ -18,7 +18,7 @@ TINY_SD_UNET = SDUNetConfig(
     block_out_channels=(32, 64), transformer_layers=(1, 0), attention_heads=(8, 8), cross_attention_dim=64
 )
 TINY_SDXL_UNET = SDUNetConfig(
-    block_out_channels=(64, 128), transformer_layers=(0, 2), mid_transformer_layers=2, attention_heads=(1, 2),
+    block_out_channels=(64, 128), transformer_layers=(0, 1), mid_transformer_layers=1, attention_heads=(1, 2),
     cross_attention_dim=128, use_linear_projection=True, addition_embed_dim=32 + 6 * 256,
 )
 
