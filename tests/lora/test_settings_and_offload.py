@@ -127,7 +127,7 @@ def test_call_defaults_metadata(build, sd, tmp_path):
     assert torch.equal(pipe(**{k: v for k, v in CALL.items() if k != "num_inference_steps"}), default)
 
 
-@pytest.mark.parametrize("offload", [["fp8"], ["sequential"], ["fp8", "sequential"], ["cpu"]])
+@pytest.mark.parametrize("offload", [["fp8"], ["sequential"], ["fp8", "sequential"], ["disk"], ["cpu"]])
 def test_fused_lora_survives_set_offload_and_clears_exactly(build, sd, tmp_path, offload):
     """The reported bug: fuse -> set_offload(...) -> clear raised (the fused weight was replaced by the
     backend). Now the LoRA runs hot under the backend, clearing restores the original weights bit for bit,

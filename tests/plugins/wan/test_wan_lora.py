@@ -150,7 +150,10 @@ def _layouts(lora_path: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
             baked[key] = value
     adapter = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
                for k, v in comfy.items()}  # fmt: skip
+    peft = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+            for k, v in read_lora(lora_path).tensors.items()}  # fmt: skip  (alphas from the metadata, as keys)
     return {
+        "diffusers-default-adapter": (_write(peft, tmp / "peft.safetensors"), "diffusers"),
         "comfyui": (_write(comfy, tmp / "comfyui.safetensors"), "comfyui"),
         "comfyui-baked": (_write(baked, tmp / "baked.safetensors"), "comfyui"),
         "wan-bare-down-up": (_write(bare, tmp / "bare.safetensors"), "comfyui"),
