@@ -9,13 +9,15 @@ from safetensors.torch import load_file
 
 from difforge.lora import lora_manager
 
-from .test_flux_lora import _diff, _pipe, _registry, _run, _threads, expected, tiny  # noqa: F401  (fixtures)
+from .test_flux_lora import _diff, _pipe, _registry, _run, _threads, expected, tiny
+
+_FIXTURES = (_registry, _threads, expected, tiny)  # pytest finds fixtures by name in this module
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 
-def test_cli_converts_flux_loras_between_layouts(tiny, expected, tmp_path) -> None:  # noqa: F811
+def test_cli_converts_flux_loras_between_layouts(tiny, expected, tmp_path) -> None:
     from difforge.cli import main
 
     pipe = _pipe(tiny)

@@ -10,13 +10,15 @@ from safetensors.torch import load_file
 from difforge import Pipeline
 from difforge.lora import lora_manager
 
-from .test_qwen_image_lora import _diff, _reference, _run, lora  # noqa: F401  (lora: a module fixture)
+from .test_qwen_image_lora import _diff, _reference, _run, lora
+
+_FIXTURES = (lora,)  # pytest finds fixtures by name in this module
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 
-def test_cli_converts_qwen_image_loras_between_layouts(tiny, lora, tmp_path) -> None:  # noqa: F811
+def test_cli_converts_qwen_image_loras_between_layouts(tiny, lora, tmp_path) -> None:
     from difforge.cli import main
 
     pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
@@ -36,7 +38,7 @@ def test_cli_converts_qwen_image_loras_between_layouts(tiny, lora, tmp_path) -> 
         source = out
 
 
-def test_export_to_comfyui(tiny, lora, tmp_path) -> None:  # noqa: F811
+def test_export_to_comfyui(tiny, lora, tmp_path) -> None:
     pipe = Pipeline.from_pretrained("qwen-image", str(tiny), device="cpu")
     pipe.load_lora(lora["path"], name="peft", fuse=False)
     path = pipe.export_lora("peft", tmp_path / "comfy.safetensors", format="comfyui")
