@@ -14,7 +14,9 @@ work with removable forward hooks on the pipeline's own modules.
 - ``disk``: tensors are not kept in memory at all; each unit is read from the checkpoint files
   (plain reads, no memory map, so resident memory is about one block plus activations) for its forward.
   A tensor that is not its checkpoint tensor (an fp8 weight, a scale, a non-persistent buffer) is
-  written once to a scratch safetensors file in ``offload_dir`` and read from there.
+  written once to a scratch safetensors file in ``offload_dir`` and read from there, unless it carries
+  a :data:`SOURCE_ATTR` reader (``fp8`` followed by ``disk`` spills its weights to a file of its own
+  as it casts them, so the fp8 weights are never all in memory at once).
 
 Between forwards, the modules of ``sequential``/``disk`` hold meta placeholders (shapes and dtypes
 kept); the handles' :meth:`_StreamingOffload.materialised` says which units hold real tensors.
@@ -50,13 +52,18 @@ from ..specs import BlockLayout
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LOCATION_MARK", "apply_cpu", "apply_sequential", "apply_disk", "checkpoint_loaders", "located_slots",
+    "LOCATION_MARK", "SOURCE_ATTR", "FileReader", "apply_cpu", "apply_sequential", "apply_disk", "checkpoint_loaders",
+    "located_slots",
     "offload_from_model_configs", "offload_units",
 ]
 
 _GIB = 1 << 30
 LOCATION_MARK = "_difforge_location_offload"
 """Set in the ``__dict__`` of every component a location backend holds (its value: the backend's name)."""
+SOURCE_ATTR = "_difforge_source"
+"""A tensor attribute: a callable returning the tensor's values as a new CPU tensor. ``disk`` re-reads such a
+tensor through it instead of writing it to its scratch file (dtype backends set it on weights they already
+spilled to a file of their own)."""
 
 
 # ---------------------------------------------------------------- units: what moves together
@@ -463,7 +470,7 @@ class SequentialOffload(_StreamingOffload):
 # ---------------------------------------------------------------- disk
 
 
-class _Files:
+class FileReader:
     """Reads byte ranges of files with plain reads (no memory map), refusing files changed since opened."""
 
     def __init__(self) -> None:
@@ -504,6 +511,10 @@ class _Files:
             done += n
         return buf.view(dtype).view(shape)
 
+    def reader_at(self, path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+        """A callable reading ``nbytes`` at ``offset`` of ``path`` as a new ``dtype`` tensor of ``shape``."""
+        return lambda: self.read(path, offset, nbytes, dtype, shape)
+
     def reader(self, path: Path, key: str) -> Callable[[], torch.Tensor]:
         header = self.header(path)
         entry = header.tensors[key]
@@ -519,7 +530,7 @@ class _Files:
 class _UnmappedCheckpoint(Checkpoint):
     """A :class:`Checkpoint` whose safetensors tensors are read into fresh memory instead of mapped."""
 
-    def __init__(self, header: Any, files: _Files) -> None:
+    def __init__(self, header: Any, files: FileReader) -> None:
         super().__init__(header)
         self._files = files
 
@@ -530,7 +541,7 @@ class _UnmappedCheckpoint(Checkpoint):
         return self._files.reader(path, key)()
 
 
-def checkpoint_loaders(module: nn.Module, torch_dtype: torch.dtype | None = None, *, files: _Files | None = None) -> dict[str, Callable[[], torch.Tensor]]:
+def checkpoint_loaders(module: nn.Module, torch_dtype: torch.dtype | None = None, *, files: FileReader | None = None) -> dict[str, Callable[[], torch.Tensor]]:
     """``{state-dict key: loader}`` for the tensors of a module loaded by :func:`difforge.load_model`
     that can be read again from its checkpoint files (``module.difforge_detection.paths``).
 
@@ -546,7 +557,7 @@ def checkpoint_loaders(module: nn.Module, torch_dtype: torch.dtype | None = None
     detection = getattr(module, "difforge_detection", None)
     if detection is None or getattr(detection, "format", None) == "folder":
         return {}
-    files = files or _Files()
+    files = files or FileReader()
     own = own_state_dict(_UnmappedCheckpoint(read_checkpoint_header(list(detection.paths)), files), detection)
     loaders: dict[str, Callable[[], torch.Tensor]] = {}
     for key, tensor in module.state_dict(keep_vars=True).items():
@@ -576,7 +587,7 @@ class DiskOffload(_StreamingOffload):
             raise ConfigError(f"offload backend 'disk': option offload_dir must be a folder path, got {folder!r}")
         self._folder = None if folder is None else Path(folder)
         self.dir: Path | None = None  # made when the first scratch file is needed
-        self._files = _Files()
+        self._files = FileReader()
         self._sources: dict[int, Callable[[], torch.Tensor]] = {}  # id(original tensor) -> CPU reader
         self._devices: dict[int, torch.device] = {}
         self.scratch_bytes = 0
@@ -587,7 +598,7 @@ class DiskOffload(_StreamingOffload):
         unique = _unique(s for u in units for s in u.slots)
         scratch: dict[str, _Slot] = {}
         for s in unique.values():
-            load = loaders.get(s.key)
+            load = loaders.get(s.key) or getattr(s.original, SOURCE_ATTR, None)
             if load is not None and self.verify and not torch.equal(load(), s.original.detach().cpu()):
                 log.info("disk offload: %s.%s differs from its checkpoint; writing it to the scratch file", slot, s.key)
                 load = None

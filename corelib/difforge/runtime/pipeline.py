@@ -307,10 +307,10 @@ class Pipeline:
     def _apply_offload(self, choices: list[PluginChoice]) -> None:
         registry = get_registry()
         specs = [(registry.offload.get(c.name), c) for c in choices]
+        self.offload_choices = list(choices)  # set first: a backend may adapt to those applied after it (fp8 + disk)
         for off, choice in sorted(specs, key=lambda sc: 0 if sc[0].kind == "dtype" else 1):  # dtype, then location
             options = merge_options("offload backend", off.name, off.options, choice.options)
             self._offload_handles.append(resolve(off.apply)(self, options))
-        self.offload_choices = list(choices)
 
     def set_offload(self, offload: Any) -> None:
         """Replace the offload backends (``None`` or ``[]`` removes them all).

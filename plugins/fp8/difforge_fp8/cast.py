@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from difforge import ConfigError, DifforgeError
-from difforge.builtin.offload import LOCATION_MARK, checkpoint_loaders
+from difforge.builtin.offload import LOCATION_MARK, SOURCE_ATTR, FileReader, checkpoint_loaders
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,47 @@ class _Layer:
             module._parameters["weight"] = q
 
 
+class _Spill:
+    """fp8 weights and scales written to a file of their own as they are cast (for ``disk``, which applies next).
+
+    Each layer's tensors are appended (64-byte aligned) and freed at once, so setup holds about one layer's
+    weights rather than all of them. :meth:`finish` maps the file back lazily (pages are read only when
+    touched) and gives each tensor a :data:`SOURCE_ATTR` reader (plain reads), through which ``disk``
+    materialises it per block without writing a scratch copy.
+    """
+
+    def __init__(self, path: Path, files: FileReader) -> None:
+        self.path, self.files = path, files
+        self._out: Any = open(path, "wb")  # noqa: SIM115 -- closed by finish()
+        self.nbytes = 0
+        self._pending: list[tuple[nn.Module, str, bool, int, torch.dtype, tuple[int, ...]]] = []
+
+    def add(self, module: nn.Module, name: str, is_param: bool, tensor: torch.Tensor) -> None:
+        pad = -self.nbytes % 64
+        self._out.write(b"\0" * pad)
+        offset = self.nbytes + pad
+        data = tensor.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
+        self._out.write(memoryview(data))
+        self.nbytes = offset + data.nbytes
+        self._pending.append((module, name, is_param, offset, tensor.dtype, tuple(tensor.shape)))
+
+    def finish(self) -> None:
+        """Put every spilled tensor in place: a lazily mapped view of the file, with its reader."""
+        self._out.close()
+        whole = torch.from_file(str(self.path), shared=False, size=self.nbytes, dtype=torch.uint8) if self.nbytes else None
+        for module, name, is_param, offset, dtype, shape in self._pending:
+            size = torch.Size(shape).numel() * dtype.itemsize
+            view = whole[offset : offset + size].view(dtype).view(shape) if size else torch.empty(shape, dtype=dtype)
+            if is_param:
+                view = nn.Parameter(view, requires_grad=False)
+                module._parameters[name] = view
+            else:
+                module._buffers[name] = view
+            read = self.files.reader_at(self.path, offset, size, dtype, shape)
+            setattr(view, SOURCE_ATTR, read)
+        self._pending.clear()
+
+
 class Fp8Handle:
     """The cast layers of one or more modules; ``remove()`` restores them (see the module docstring)."""
 
@@ -147,6 +191,9 @@ class Fp8Handle:
         self.skipped: list[str] = []
         self.bytes_before = 0
         self.bytes_after = 0
+        self.spill_dir: Path | None = None  # fp8 weights of the components a ``disk`` backend will hold
+        self.spilled_bytes = 0
+        self.files = FileReader()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -156,6 +203,7 @@ class Fp8Handle:
             "kept_high_precision": len(self.skipped),
             "weight_bytes_before": self.bytes_before,
             "weight_bytes_after": self.bytes_after,
+            "spilled_bytes": self.spilled_bytes,
         }
 
     def remove(self) -> None:
@@ -180,6 +228,10 @@ class Fp8Handle:
             else:
                 module.forward = layer.inner
         self.layers.clear()
+        self.files.close()
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            self.spill_dir = None
 
 
 def _check_options(options: dict[str, Any], backend: str) -> dict[str, Any]:
@@ -211,11 +263,13 @@ def cast_module(
     torch_dtype: torch.dtype | None = None,
     handle: Fp8Handle | None = None,
     prefix: str = "",
+    spill: _Spill | None = None,
 ) -> Fp8Handle:
     """Store the weights of ``module``'s linear and conv layers in fp8 (module-level API of the backends).
 
     ``keep_high_precision``: glob patterns of parameter names never cast. ``torch_dtype``: the dtype
-    the module was loaded in (to find weights that can be re-read from its checkpoint).
+    the module was loaded in (to find weights that can be re-read from its checkpoint). ``spill``: write
+    the fp8 tensors to that file as they are cast instead of keeping them in memory (see :class:`_Spill`).
     """
     _check_options({"format": fmt, "keep_original": keep_original, "scaled_mm": scaled_mm}, "fp8-scaled" if scaled else "fp8")
     handle = handle or Fp8Handle(fmt, scaled)
@@ -250,17 +304,48 @@ def cast_module(
         kept_nothing += entry.original is None and entry.reload is None
         handle.bytes_before += weight.nbytes
         handle.bytes_after += q.nbytes + (scale.nbytes if scale is not None else 0)
-        layer._parameters["weight"] = nn.Parameter(q, requires_grad=False)
-        if scale is not None:
-            layer.register_buffer(SCALE, scale, persistent=False)
+        if spill is None:
+            layer._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+            if scale is not None:
+                layer.register_buffer(SCALE, scale, persistent=False)
+        else:  # put in place by spill.finish(); until then the layer keeps its original weight
+            spill.add(layer, "weight", True, q)
+            if scale is not None:
+                layer.register_buffer(SCALE, None, persistent=False)
+                spill.add(layer, SCALE, False, scale)
+        del q, scale
         layer.forward = entry.forward
         handle.layers.append(entry)
+    if spill is not None:
+        spill.finish()
+        handle.spilled_bytes += spill.nbytes
     if kept_nothing:
         log.info(
             "fp8: %d weights of %s cannot be re-read from a checkpoint; remove() will restore their fp8 values "
             "(keep_original=True keeps the originals in memory instead)", kept_nothing, prefix.rstrip(".") or type(module).__name__,
         )
     return handle
+
+
+def _disk_follows(pipe: Any, models: dict[str, nn.Module]) -> tuple[set[str], Any]:
+    """The components a ``disk`` backend among the pipeline's offload choices will hold, and its ``offload_dir``.
+
+    The core records the choices before applying them (dtype backends first), so a dtype backend can see
+    that ``disk`` comes next and spill its fp8 weights as it casts them.
+    """
+    from difforge.plugins import get_registry
+
+    registry = get_registry()
+    for choice in getattr(pipe, "offload_choices", None) or ():
+        try:
+            spec = registry.offload.get(choice.name)
+        except DifforgeError:
+            continue
+        if spec.kind == "location" and spec.name == "disk":
+            options = getattr(choice, "options", {}) or {}
+            wanted = options.get("components")
+            return {s for s in models if wanted is None or s in wanted}, options.get("offload_dir")
+    return set(), None
 
 
 def _apply(pipe: Any, options: dict[str, Any], scaled: bool) -> Fp8Handle:
@@ -272,16 +357,24 @@ def _apply(pipe: Any, options: dict[str, Any], scaled: bool) -> Fp8Handle:
     if unknown:
         raise ConfigError(f"offload backend {backend!r}: no model component {', '.join(map(repr, unknown))}; the components are {', '.join(models)}")
     handle = Fp8Handle(options.get("format", "e4m3"), scaled)
+    disk_slots, disk_dir = _disk_follows(pipe, models)
     try:
         for slot, module in models.items():
             if wanted is not None and slot not in wanted:
                 continue
             spec = pipe._model_spec(slot) if hasattr(pipe, "_model_spec") else None
+            spill = None
+            if slot in disk_slots:
+                if handle.spill_dir is None:
+                    if disk_dir is not None:
+                        Path(disk_dir).mkdir(parents=True, exist_ok=True)
+                    handle.spill_dir = Path(tempfile.mkdtemp(prefix="difforge-fp8-", dir=disk_dir))
+                spill = _Spill(handle.spill_dir / f"{slot}.fp8", handle.files)
             cast_module(
                 module, fmt=handle.format, scaled=scaled,
                 keep_high_precision=(*getattr(spec, "keep_high_precision", ()), *(options.get("exclude") or ())),
                 keep_original=options.get("keep_original", False), scaled_mm=options.get("scaled_mm", False),
-                torch_dtype=getattr(pipe, "torch_dtype", None), handle=handle, prefix=f"{slot}.",
+                torch_dtype=getattr(pipe, "torch_dtype", None), handle=handle, prefix=f"{slot}.", spill=spill,
             )
     except BaseException:
         handle.remove()

@@ -126,15 +126,62 @@ def test_every_pair_of_dtype_and_location(checkpoints: list[Path], reference: An
     pipe = build(checkpoints, [location, dtype])  # listed in any order: the core applies dtype first
     fp8, where = pipe._offload_handles
     assert torch.equal(pipe(**CALL), alone)
-    if location == "disk":  # fp8 weights and scales are streamed from the scratch file, in fp8
-        assert where.stats()["scratch_bytes"] == fp8.stats()["weight_bytes_after"]
+    spill_dir = fp8.spill_dir
+    if location == "disk":  # fp8 spilled its weights and scales as it cast them; disk streams them from there
+        assert where.stats()["scratch_bytes"] == 0
+        assert fp8.stats()["spilled_bytes"] >= fp8.stats()["weight_bytes_after"] > 0
+        assert spill_dir is not None and sorted(p.name for p in spill_dir.iterdir()) == ["dit.fp8", "text_encoder.fp8", "vae.fp8"]
+    else:
+        assert spill_dir is None and fp8.stats()["spilled_bytes"] == 0
     if location != "cpu":
         assert where.materialised() == [] and all(p.is_meta for p in pipe.dit.parameters())
     with pytest.raises(DifforgeError, match="remove the location backend"):
         fp8.remove()
     remove_all(pipe)
     assert_state_equal(pipe, states)
+    assert spill_dir is None or not spill_dir.exists()
     assert torch.equal(pipe(**CALL), out)
+
+
+def _mapped_files(tensor: torch.Tensor) -> list[str]:
+    """The files of this process's memory mappings that hold the tensor's data (Linux /proc/self/maps)."""
+    ptr, found = tensor.data_ptr(), []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= ptr < end and len(fields) > 5:
+                found.append(fields[5])
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("dtype", ["fp8", "fp8-scaled"])
+def test_fp8_before_disk_spills_as_it_casts(checkpoints: list[Path], dtype: str, tmp_path: Path) -> None:
+    """With ``disk`` to follow, the cast layers' fp8 weights (and scales) are written to a file as they are cast
+    and left there: between the two backends every one is a view of that file's mapping, not process memory."""
+    from difforge._names import resolve
+    from difforge.plugins import get_registry
+    from difforge.runtime.options import parse_choices
+
+    alone = build(checkpoints, dtype)(**CALL)
+    pipe = build(checkpoints)
+    pipe.offload_choices = parse_choices([dtype, {"name": "disk", "components": ["dit"], "offload_dir": str(tmp_path)}], "offload")
+    spec = get_registry().offload.get(dtype)
+    handle = resolve(spec.apply)(pipe, dict(spec.options))
+    assert handle.spill_dir is not None and handle.spill_dir.parent == tmp_path
+    spill = str(handle.spill_dir / "dit.fp8")
+    in_dit = {id(m) for m in pipe.dit.modules()}
+    assert sum(id(entry.module) in in_dit for entry in handle.layers) > 0
+    for layer in (entry.module for entry in handle.layers):
+        tensors = [layer.weight, *([layer._buffers[SCALE]] if dtype == "fp8-scaled" else [])]
+        if id(layer) in in_dit:
+            assert all(_mapped_files(t) == [spill] for t in tensors)
+        else:  # the other components stay in memory
+            assert all(spill not in _mapped_files(t) for t in tensors)
+    assert torch.equal(pipe(**CALL), alone)  # the mapped weights compute like in-memory ones
+    handle.remove()
+    assert not Path(spill).exists() and not any(tmp_path.iterdir())  # the spill folder is deleted
 
 
 def test_scaled_mm_option_falls_back_without_fp8_matmuls(checkpoints: list[Path]) -> None:
