@@ -5,9 +5,10 @@ Own layout: diffusers' key names, except that the single mid block is ``mid_bloc
 of the blocks a cache skips. The ``diffusers`` converter renames just that prefix.
 
 Every block is called ``block(hidden_states, temb=..., encoder_hidden_states=..., skips=[...])`` and
-returns ``hidden_states``; down blocks push their skip connections onto ``skips``, up blocks pop
-theirs. A cache that skips a run of middle blocks therefore skips their pushes and pops together,
-which is what lets DeepCache work on the U-Net with the generic block engine.
+returns ``hidden_states``; down block ``i`` pushes its input and its layers' outputs onto ``skips``
+(``layers_per_block + 1`` tensors), up block ``n-1-i`` pops exactly those. A cache that skips a
+symmetric middle run of blocks therefore skips their pushes and pops together, which is what lets
+DeepCache work on the U-Net with the generic block engine.
 
 What :func:`unet_config_from_shapes` cannot read from the weights, and assumes:
 
@@ -254,6 +255,9 @@ class DownBlock(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, *, temb: torch.Tensor, encoder_hidden_states: torch.Tensor, skips: list[torch.Tensor]
     ) -> torch.Tensor:
+        # the block's input is its first skip connection (diffusers pushes the same tensor as conv_in's or
+        # the previous block's downsampler output): then up block n-1-i pops exactly what down block i pushed
+        skips.append(hidden_states)
         h = hidden_states
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, temb)
@@ -262,7 +266,6 @@ class DownBlock(nn.Module):
             skips.append(h)
         if "downsamplers" in self._modules:
             h = self.downsamplers[0](h)
-            skips.append(h)
         return h
 
 
@@ -362,7 +365,7 @@ class SDUNet(nn.Module):
             ids = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim).reshape(b, -1)
             temb = temb + self.add_embedding(torch.cat([text_embeds, ids.to(text_embeds.dtype)], dim=-1).to(temb.dtype))
         h = self.conv_in(sample)
-        skips = [h]
+        skips: list[torch.Tensor] = []
         kw: dict[str, Any] = dict(temb=temb, encoder_hidden_states=encoder_hidden_states, skips=skips)
         for block in self.down_blocks:
             h = block(h, **kw)

@@ -210,7 +210,7 @@ def test_deepcache_interval_1_is_exact_and_interval_2_skips(tiny):
     exact = _ours(pipe, noise, output_type="latent")
     assert pipe.cache_stats()[0]["steps_cached"] == 0
     assert torch.equal(exact, plain)
-    pipe.set_cache({"name": "deepcache", "cache_interval": 2, "cache_branch_id": 0})
+    pipe.set_cache({"name": "deepcache", "cache_interval": 2})  # cache_branch_id 1: one block at each end
     cached = _ours(pipe, noise, output_type="latent")
     stats = pipe.cache_stats()[0]
     assert stats["steps_cached"] == 2 and stats["blocks_skipped"] > 0  # step 1 of 2, in both CFG branches
