@@ -68,7 +68,8 @@ class BlockLayout:
 
     ``skip_connections``: True for a U-Net, whose blocks change resolution and width and whose
     shallow features reach the output through skip connections (down blocks push them, up blocks
-    pop them, through an argument other than the streams). A cache then reuses the skipped middle's
+    pop them, through an argument other than the streams; the blocks are symmetric: block ``k`` of
+    ``n`` pushes what block ``n-1-k`` pops). A cache then reuses the skipped middle's
     stored *output* as is (DeepCache's original form) instead of adding its residual to fresh
     inputs, and threshold strategies compare the front blocks' outputs across steps, not residuals.
     """

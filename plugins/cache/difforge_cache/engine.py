@@ -240,6 +240,11 @@ class BlockCache:
 
         self.model = model
         self.reuse_output = bool(getattr(layout, "skip_connections", False))
+        if self.reuse_output and self.back and self.back != self.front:
+            raise ConfigError(
+                f"{name}: {type(model).__name__} has skip connections (a U-Net): the blocks that always run must pair "
+                f"down and up blocks, so front and back blocks must be equal (got {self.front} and {self.back})"
+            )
         self._states: dict[str, _BranchState] = {}
         self._installed: list[tuple[nn.ModuleList, int, nn.Module]] = []
         entries = self._collect(model, layout)
