@@ -63,7 +63,7 @@ def write_flux(folder: Path) -> Path:
 
 
 def write_qwen_image(folder: Path) -> Path:
-    """Qwen-Image-like: DiT 2 blocks (2 heads x 16), Wan-style VAE (16 latent channels), Qwen2.5-VL (hidden 64)."""
+    """Qwen-Image-like: DiT 2 blocks (2 heads x 16), Wan-style VAE (16 latent channels), Qwen2.5-VL (hidden 128, one head of 128)."""
     import diffusers
     import transformers
     from difforge_sdk.tiny_tokenizers import write_qwen2_tokenizer
@@ -72,14 +72,14 @@ def write_qwen_image(folder: Path) -> Path:
     torch.manual_seed(0)
     transformer = diffusers.QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=64, axes_dims_rope=(4, 6, 6),
+        joint_attention_dim=128, axes_dims_rope=(4, 6, 6),
     )  # fmt: skip
     vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1)
     text_encoder = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=1, num_key_value_heads=1, bos_token_id=None,
                          eos_token_id=tok.convert_tokens_to_ids("<|im_end|>")),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=128),
     ))  # fmt: skip
     _randomize(transformer, 0.15, 0)
     _randomize(vae, 0.15, 1)

@@ -30,13 +30,13 @@ from .sequence import (
     shard_tokens,
     sharding,
 )
-from .state import ParallelState, current, init_state, join_launch, launched_by_torchrun, use
+from .state import ParallelState, attach, current, init_state, join_launch, launched_by_torchrun, use, widened
 
 __all__ = [
-    "ParallelLayout", "ParallelPipeline", "ParallelState", "ParallelWorkerError", "all_reduce_sum", "check_denoiser",
+    "ParallelLayout", "ParallelPipeline", "ParallelState", "ParallelWorkerError", "all_reduce_sum", "attach", "check_denoiser",
     "check_devices", "current", "default_uses_cfg", "gather_cfg_branches", "gather_tokens", "init_state", "join_launch", "keys_replicated",
     "launched_by_torchrun", "model_heads", "plan_layout", "sequence_attention", "sequence_parallel", "shard",
-    "shard_parts", "shard_tokens", "sharding", "use",
+    "shard_parts", "shard_tokens", "sharding", "use", "widened",
 ]
 
 

@@ -113,7 +113,7 @@ def _worker_main(
 
     from ..plugins import reload_plugins
     from ..runtime.pipeline import Pipeline
-    from .state import init_state
+    from .state import attach, init_state
 
     def send(obj: Any) -> None:
         conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
@@ -134,7 +134,7 @@ def _worker_main(
         )
         state = init_state(layout, device)
         pipe = Pipeline.from_pretrained(name, **kwargs, device=str(device))
-        pipe.parallel_state = state
+        attach(pipe, state)
         send(("ok", None))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops everyone
         send(("error", _error_payload(rank, exc)))
@@ -260,22 +260,18 @@ class ParallelPipeline:
                 assert first_error is not None
                 _raise_from(first_error, "; the other workers did not finish and were stopped")
             for obj in ready:
-                if obj in by_conn:
-                    r = by_conn[obj]
+                r = by_conn[obj] if obj in by_conn else by_sentinel[obj]
+                if r not in pending:
+                    continue
+                reply = None
+                if self._conns[r].poll():
                     try:
-                        status, value = pickle.loads(obj.recv_bytes())
+                        reply = pickle.loads(self._conns[r].recv_bytes())
                     except (EOFError, OSError):
-                        continue  # the sentinel reports the death
-                    pending.discard(r)
-                    if status == "error":
-                        if first_error is None:
-                            first_error = value
-                            deadline = time.monotonic() + ERROR_GRACE_S
-                    else:
-                        replies[r] = value
-                elif obj in by_sentinel:
-                    r = by_sentinel[obj]
-                    if r in pending and not self._conns[r].poll():
+                        reply = None  # the pipe closed: the worker is gone
+                if reply is None:
+                    if obj in by_conn or not self.processes[r].is_alive():
+                        self.processes[r].join(1.0)
                         code = self.processes[r].exitcode
                         self._fail()
                         if first_error is not None:
@@ -285,6 +281,15 @@ class ParallelPipeline:
                             "stopped. Look at its output above (out of memory? a crash in a native library?) "
                             "and build a new pipeline"
                         )
+                    continue
+                pending.discard(r)
+                status, value = reply
+                if status == "error":
+                    if first_error is None:
+                        first_error = value
+                        deadline = time.monotonic() + ERROR_GRACE_S
+                else:
+                    replies[r] = value
         if first_error is not None:
             _raise_from(first_error)
         return replies.get(0)

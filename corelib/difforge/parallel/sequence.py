@@ -51,9 +51,7 @@ class SequenceShard:
 
     def __init__(self, state: ParallelState) -> None:
         self.state = state
-        self.group = state.ulysses_group
-        self.size = state.layout.ulysses
-        self.rank = state.ulysses_rank
+        self.group, self.size, self.rank = state.sequence_group()
         self.local_len: int | None = None
         self.pad_mask: torch.Tensor | None = None  # [1, 1, 1, P * local_len] in exchange order, None: no padding
         self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(local mask) -> (it, gathered)
@@ -163,9 +161,12 @@ def sequence_parallel(forward: F_) -> F_:
     @functools.wraps(forward)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         state = current()
-        if state is None or state.layout.ulysses == 1 or _shard.get() is not None:
+        if state is None or _shard.get() is not None:
             return forward(*args, **kwargs)
-        token = _shard.set(SequenceShard(state))
+        shard = SequenceShard(state)
+        if shard.size == 1:
+            return forward(*args, **kwargs)
+        token = _shard.set(shard)
         try:
             return forward(*args, **kwargs)
         finally:

@@ -25,9 +25,10 @@ from .layout import ParallelLayout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ParallelState", "current", "use", "init_state", "launched_by_torchrun", "join_launch"]
+__all__ = ["ParallelState", "attach", "current", "use", "widened", "init_state", "launched_by_torchrun", "join_launch"]
 
 _state: contextvars.ContextVar[ParallelState | None] = contextvars.ContextVar("difforge_parallel", default=None)
+_wide: contextvars.ContextVar[bool] = contextvars.ContextVar("difforge_parallel_wide", default=False)
 
 EXCHANGES = ("all_to_all", "all_gather")
 
@@ -42,6 +43,10 @@ class ParallelState:
     backend: str
     cfg_group: Any = None
     ulysses_group: Any = None
+    wide_group: Any = None
+    """All ranks: with CFG parallel and a call without CFG, the CFG ranks join the sequence split."""
+    wide_ok: bool = False
+    """Whether the denoiser can shard over every rank (opted in, heads divisible): set by :func:`attach`."""
     exchange: str = "all_to_all"
     """How Ulysses exchanges heads for tokens: ``all_to_all`` (one ``all_to_all_single``), or
     ``all_gather`` (gather everything, keep one's slice) for gloo builds without all-to-all."""
@@ -57,6 +62,13 @@ class ParallelState:
     @property
     def ulysses_rank(self) -> int:
         return self.rank % self.layout.ulysses
+
+    def sequence_group(self) -> tuple[Any, int, int]:
+        """(group, size, rank) that a DiT forward shards its tokens over now: the Ulysses group, or every
+        rank inside :func:`widened` (a call without CFG on a CFG-parallel layout)."""
+        if _wide.get() and self.wide_group is not None:
+            return self.wide_group, self.world_size, self.rank
+        return self.ulysses_group, self.layout.ulysses, self.ulysses_rank
 
     def shared_seed(self) -> int:
         """A random seed, the same on every rank (rank 0's)."""
@@ -84,6 +96,16 @@ def use(state: ParallelState | None) -> Iterator[None]:
         yield
     finally:
         _state.reset(token)
+
+
+@contextlib.contextmanager
+def widened() -> Iterator[None]:
+    """Within the block, DiT forwards shard their tokens over every rank (see :meth:`ParallelState.sequence_group`)."""
+    token = _wide.set(True)
+    try:
+        yield
+    finally:
+        _wide.reset(token)
 
 
 def _probe_all_to_all(group: Any, size: int) -> bool:
@@ -115,6 +137,8 @@ def init_state(layout: ParallelLayout, device: torch.device) -> ParallelState:
         group = dist.new_group(ranks) if c > 1 else None
         if rank in ranks:
             state.cfg_group = group
+    if c > 1:
+        state.wide_group = dist.new_group(list(range(world)))
     forced = os.environ.get("DIFFORGE_ULYSSES_EXCHANGE")
     if forced:
         if forced not in EXCHANGES:
@@ -122,10 +146,31 @@ def init_state(layout: ParallelLayout, device: torch.device) -> ParallelState:
         if forced == "all_gather" and state.backend != "gloo":
             raise ConfigError("DIFFORGE_ULYSSES_EXCHANGE=all_gather is for gloo only; nccl always uses all_to_all")
         state.exchange = forced
-    elif state.backend == "gloo" and u > 1 and not _probe_all_to_all(state.ulysses_group, u):
+    elif state.backend == "gloo" and world > 1 and not _probe_all_to_all(None, world):
         state.exchange = "all_gather"
     log.debug("rank %d: %s, backend %s, Ulysses exchange %s", rank, layout.describe(), backend, state.exchange)
     return state
+
+
+def attach(pipe: Any, state: ParallelState) -> None:
+    """Make ``pipe`` run as this rank of ``state``; decides whether calls without CFG on a CFG-parallel
+    layout shard the DiT over every rank (else both CFG ranks compute the same conditional branch)."""
+    from ..runtime.pipeline import DENOISER_ROLES
+    from .layout import model_heads
+
+    pipe.parallel_state = state
+    if state.layout.cfg == 1:
+        return
+    ok = False
+    for slot, module in pipe.models().items():
+        spec = pipe._model_spec(slot)
+        if spec is not None and spec.role in DENOISER_ROLES:
+            heads = model_heads(getattr(module, "config", None))
+            opted = getattr(type(module).forward, "_difforge_sequence_parallel", False)
+            ok = bool(opted and heads and heads % state.world_size == 0)
+    state.wide_ok = ok
+    if not ok and state.rank == 0:
+        log.info("calls without CFG compute the same branch on both CFG ranks (the DiT cannot shard %d ways)", state.world_size)
 
 
 def launched_by_torchrun() -> bool:

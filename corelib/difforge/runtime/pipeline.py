@@ -263,7 +263,8 @@ class Pipeline:
             detections[slot_name] = comp.detection
         pipeline_cls = resolve(spec.pipeline)
         pipe: Pipeline = pipeline_cls(spec, components, device=device, torch_dtype=torch_dtype, detections=detections)
-        pipe.parallel_state = parallel_state
+        if parallel_state is not None:
+            _parallel.attach(pipe, parallel_state)
         pipe.set_scheduler(scheduler_choice.as_arg() if scheduler_choice else None, _folder=folder_scheduler)
         pipe._apply_offload(offload_choices)
         pipe.set_cache(cache_choice.as_arg() if cache_choice else None)
@@ -510,12 +511,16 @@ class Pipeline:
         extra: Mapping[str, Any],
     ) -> torch.Tensor:
         state = self.parallel_state
-        if uncond is not None and state is not None and state.layout.cfg == 2:  # CFG parallel: one branch per rank
-            branch = "cond" if state.cfg_rank == 0 else "uncond"
-            with cfg_branch(branch):
-                mine = self.predict(latents, timestep, cond if branch == "cond" else uncond, **extra)
-            positive, negative = _parallel.gather_cfg_branches(mine, state)
-            return self.guide(positive, negative, cfg_scale)
+        if state is not None and state.layout.cfg == 2:
+            if uncond is not None:  # CFG parallel: one branch per rank
+                branch = "cond" if state.cfg_rank == 0 else "uncond"
+                with cfg_branch(branch):
+                    mine = self.predict(latents, timestep, cond if branch == "cond" else uncond, **extra)
+                positive, negative = _parallel.gather_cfg_branches(mine, state)
+                return self.guide(positive, negative, cfg_scale)
+            if state.wide_ok:  # no CFG: the CFG ranks shard the sequence too
+                with cfg_branch("cond"), _parallel.widened():
+                    return self.predict(latents, timestep, cond, **extra)
         with cfg_branch("cond"):
             positive = self.predict(latents, timestep, cond, **extra)
         if uncond is None:
