@@ -67,3 +67,23 @@ def test_cached_step_is_deepcache(kind, registry):
     assert_close(got, want, atol=1e-5, name=f"{kind}: cached step vs DeepCache by hand")
     assert (got - fresh).abs().max() > 1e-3  # and it is not the uncached output
     assert torch.equal(unet(**second), fresh)  # removed: the plain model again
+
+
+def test_fbcache_reuses_the_output_on_a_unet(registry):
+    """First Block Cache on a U-Net: the first down block's output decides; a skipped step reuses the
+    stored output of the rest (no residual can be added across resolutions)."""
+    unet = own_unet(diffusers_unet("sd"))
+    inputs = unet_inputs("sd")
+    apply = resolve(registry.caches.get("fbcache").apply)
+    with torch.no_grad():
+        fresh = unet(**inputs)
+        handle = apply(unet, UNET_LAYOUT, {"threshold": 0.05})
+        try:
+            first, again = unet(**inputs), unet(**inputs)  # the same input: no change, the second is cached
+            nudged = unet(**{**inputs, "sample": inputs["sample"] * 1.5})  # a large change: computed
+            stats = handle.stats()
+        finally:
+            handle.remove()
+    assert stats["steps_cached"] == 1 and stats["steps_computed"] == 2
+    assert torch.equal(first, fresh) and torch.equal(again, fresh)
+    assert (nudged - fresh).abs().max() > 1e-3
