@@ -159,10 +159,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cache=_plugin_option(args.cache),
         offload=offload,
         scheduler=_plugin_option(args.scheduler),
+        parallelism=args.parallelism,
+        cfg_parallel=args.cfg_parallel,
+        ulysses_degree=args.ulysses_degree,
     )
-    result = pipe(**_generate_kwargs(args))
-    _save_output(result, args.output, args.fps)
-    print(args.output)
+    try:
+        result = pipe(**_generate_kwargs(args))
+    finally:
+        close = getattr(pipe, "close", None)  # a ParallelPipeline stops its workers
+        if close is not None:
+            close()
+    state = getattr(pipe, "parallel_state", None)
+    if state is None or state.rank == 0:  # under torchrun, rank 0 writes the file
+        _save_output(result, args.output, args.fps)
+        print(args.output)
     return 0
 
 
@@ -260,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--parallelism", type=int, help="processes (GPUs) to run on: cfg_parallel * ulysses_degree")
+    p.add_argument("--cfg-parallel", type=int, choices=[1, 2], help="2: the two CFG branches on different processes")
+    p.add_argument("--ulysses-degree", type=int, help="processes that split the DiT's token sequence (Ulysses)")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=cmd_generate)
 
