@@ -6,6 +6,9 @@ wrapped on that instance only: the wrapper puts the weight upcast to the compute
 the duration of the call and restores the fp8 one in a ``finally``, so a forward that raises leaves
 the layer as it was. Location backends applied afterwards (``cpu``, ``sequential``, ``disk``) move or
 stream the fp8 weights and scales like any other tensor, so ``offload=["fp8", "disk"]`` composes.
+When ``disk`` is among the pipeline's offload choices, the components it will hold are cast layer by
+layer into a file of their own (:class:`_Spill`), mapped back lazily, and ``disk`` reads them from
+there: setup holds about one layer's fp8 weights instead of all of them.
 
 ``remove()`` restores each layer's forward and weight exactly: from the original kept in memory
 (``keep_original=True``), else re-read from the checkpoint the model was loaded from (via
@@ -304,7 +307,7 @@ def cast_module(
         kept_nothing += entry.original is None and entry.reload is None
         handle.bytes_before += weight.nbytes
         handle.bytes_after += q.nbytes + (scale.nbytes if scale is not None else 0)
-        if spill is None:
+        if spill is None or q.device.type != "cpu":  # (a spilled weight is mapped back on the CPU)
             layer._parameters["weight"] = nn.Parameter(q, requires_grad=False)
             if scale is not None:
                 layer.register_buffer(SCALE, scale, persistent=False)
