@@ -38,13 +38,18 @@ def _expand(t: torch.Tensor, b: int) -> torch.Tensor:
 class SDPipeline(Pipeline):
     """Stable Diffusion 1.x text-to-image and image-to-image.
 
+    ``clip_skip``: condition on the output of CLIP's layer ``clip_skip`` before the last (through the
+    final layer norm), as diffusers' ``clip_skip``, which leaves the negative prompt's encoding as it is.
+
     The scheduler's ``init_noise_sigma`` scales fresh noise and ``scale_model_input`` the U-Net's
     input, as in diffusers' loop; the U-Net predicts epsilon or v as the scheduler's
     ``prediction_type`` option says.
     """
 
     spatial_multiple = 8
-    defaults: Mapping[str, Any] = {"num_inference_steps": 50, "height": 512, "width": 512, "cfg_scale": 7.5}
+    defaults: Mapping[str, Any] = {
+        "num_inference_steps": 50, "height": 512, "width": 512, "cfg_scale": 7.5, "clip_skip": None,
+    }
 
     @classmethod
     def translate_scheduler_config(cls, config: Mapping[str, Any], source: str = "scheduler_config.json") -> dict[str, Any]:
@@ -74,8 +79,23 @@ class SDPipeline(Pipeline):
         ids, _ = tokenizer(list(prompts), max_length=tokenizer.model_max_length or 77, padding="max_length")
         return ids.to(self.device)
 
-    def encode_prompt(self, prompt: Sequence[str], **kw: Any) -> dict[str, torch.Tensor]:
-        hidden = self.text_encoder(self._tokens(self.tokenizer, prompt)).last_hidden_state
+    def check_call(self, kw: dict[str, Any]) -> None:
+        skip = kw.get("clip_skip")
+        if skip is not None and (not isinstance(skip, int) or isinstance(skip, bool) or skip < 0):
+            raise ConfigError(f"clip_skip must be a non-negative integer (layers of CLIP to skip), got {skip!r}")
+
+    def encode_negative_prompt(
+        self, negative_prompt: Sequence[str] | None, cond: Mapping[str, torch.Tensor], batch: int, **kw: Any
+    ) -> dict[str, torch.Tensor]:
+        # diffusers applies clip_skip to the prompt only; the negative prompt uses the usual layer
+        return super().encode_negative_prompt(negative_prompt, cond, batch, **{**kw, "clip_skip": None})
+
+    def encode_prompt(self, prompt: Sequence[str], clip_skip: int | None = None, **kw: Any) -> dict[str, torch.Tensor]:
+        out = self.text_encoder(self._tokens(self.tokenizer, prompt), output_hidden_states=bool(clip_skip))
+        if clip_skip:  # diffusers: the output of an earlier layer, through the final layer norm
+            hidden = self.text_encoder.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+        else:
+            hidden = out.last_hidden_state
         return {"encoder_hidden_states": hidden.to(self.torch_dtype)}
 
     # -- latents
@@ -118,20 +138,22 @@ class SDXLPipeline(SDPipeline):
     """
 
     defaults: Mapping[str, Any] = {
-        "num_inference_steps": 50, "height": 1024, "width": 1024, "cfg_scale": 5.0,
+        "num_inference_steps": 50, "height": 1024, "width": 1024, "cfg_scale": 5.0, "clip_skip": None,
         "original_size": None, "target_size": None, "crops_coords_top_left": (0, 0),
     }
 
     def check_call(self, kw: dict[str, Any]) -> None:
+        super().check_call(kw)
         for name in ("original_size", "target_size", "crops_coords_top_left"):
             value = kw.get(name)
             if value is not None and (not isinstance(value, (tuple, list)) or len(value) != 2):
                 raise ConfigError(f"{name} must be a pair (height, width) / (top, left), got {value!r}")
 
-    def encode_prompt(self, prompt: Sequence[str], **kw: Any) -> dict[str, torch.Tensor]:
+    def encode_prompt(self, prompt: Sequence[str], clip_skip: int | None = None, **kw: Any) -> dict[str, torch.Tensor]:
         first = self.text_encoder(self._tokens(self.tokenizer, prompt), output_hidden_states=True)
         second = self.text_encoder_2(self._tokens(self.tokenizer_2, prompt), output_hidden_states=True)
-        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        layer = -((clip_skip or 0) + 2)  # the penultimate layer, or clip_skip layers before it (no final norm)
+        hidden = torch.cat([first.hidden_states[layer], second.hidden_states[layer]], dim=-1)
         pooled = self.text_encoder_2.project(second.pooled_output)
         return {"encoder_hidden_states": hidden.to(self.torch_dtype), "text_embeds": pooled.to(self.torch_dtype)}
 

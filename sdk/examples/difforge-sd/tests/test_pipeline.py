@@ -94,6 +94,39 @@ def test_negative_prompt_matches_diffusers(tiny):
     assert (without - got).abs().max() > 1e-3
 
 
+def _sd_clip_skip_embeds(folder: Path, prompt: str, clip_skip: int) -> torch.Tensor:
+    """diffusers' SD clip_skip rule, by hand: its own code reaches for ``text_encoder.text_model``, which
+    transformers 5's CLIPTextModel no longer has (diffusers 0.42.1 + transformers 5.23)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    enc = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = enc(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        return enc.final_layer_norm(hidden)
+
+
+def test_clip_skip_matches_diffusers(tiny):
+    kind, folder = tiny
+    pipe = Pipeline.from_pretrained(kind, str(folder), device="cpu")
+    noise = _noise(6)
+    if kind == "sd":
+        from diffusers import StableDiffusionPipeline
+
+        ref = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        ref.set_progress_bar_config(disable=True)
+        # diffusers skips layers for the prompt only
+        want = ref(prompt_embeds=_sd_clip_skip_embeds(folder, PROMPT, 1), negative_prompt_embeds=_sd_clip_skip_embeds(folder, "", 0),
+                   height=SIZE, width=SIZE, num_inference_steps=STEPS, latents=noise.clone(), output_type="latent",
+                   guidance_scale=3.0).images
+    else:
+        want = _reference(kind, folder, noise, output_type="latent", guidance_scale=3.0, clip_skip=1, negative_prompt="blurry")
+    got = _ours(pipe, noise, output_type="latent", cfg_scale=3.0, clip_skip=1, negative_prompt=None if kind == "sd" else "blurry")
+    assert (got - want).abs().max() < 1e-3
+    assert (got - _ours(pipe, noise, output_type="latent", cfg_scale=3.0)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("tiny", ["sdxl"], indirect=True)
 def test_sdxl_size_conditioning_matches_diffusers(tiny):
     kind, folder = tiny
