@@ -134,11 +134,18 @@ class SizeBuckets(torch.utils.data.Sampler):
                  drop_last: bool = False) -> None:
         self.sizes, self.batch_size, self.seed, self.shuffle, self.drop_last = list(sizes), batch_size, seed, shuffle, drop_last
         self.epoch = 0
+        self._cached: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
+        """This epoch's batches (computed once per epoch: ``len()`` is asked often)."""
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, self._make_batches())
+        return self._cached[1]
+
+    def _make_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(self.sizes):
