@@ -67,6 +67,34 @@ def test_kohya_lora_matches_diffusers_load_lora_weights(folder):
             assert_close(pipe.unet(**inputs), before, atol=MODULE_ATOL, name="after clear_lora")
 
 
+def test_peft_lora_on_sdxl_matches_diffusers(tmp_path):
+    """A diffusers/PEFT LoRA (``unet.`` names, ``lora_A``/``lora_B``) on the SDXL U-Net."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    difforge.reload_plugins()
+    folder = write_pipeline(tmp_path, "sdxl", EulerDiscreteScheduler())
+    ref = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    kohya = _kohya_lora(ref.unet, seed=1)
+    peft = {}
+    for key, value in kohya.items():
+        module, suffix = key.split(".", 1)
+        name = "unet." + next(n for n, _ in ref.unet.named_modules() if "lora_unet_" + n.replace(".", "_") == module)
+        if suffix != "alpha":  # PEFT files carry no alpha: the scale is 1 (rank 2, alpha 2)
+            peft[f"{name}.{'lora_A' if suffix.startswith('lora_down') else 'lora_B'}.weight"] = value
+    inputs = unet_inputs("sdxl")
+    cond = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    with torch.no_grad():
+        before = ref.unet(*args, added_cond_kwargs=cond).sample
+        ref.load_lora_weights({k: v.clone() for k, v in peft.items()}, adapter_name="tiny")
+        want = ref.unet(*args, added_cond_kwargs=cond).sample
+    assert (want - before).abs().max() > 1e-2
+    pipe = Pipeline.from_pretrained("sdxl", str(folder), device="cpu")
+    pipe.load_lora(peft)
+    with torch.no_grad():
+        assert_close(pipe.unet(**inputs), want, atol=MODULE_ATOL, name="SDXL U-Net with a PEFT LoRA")
+
+
 def test_other_spellings_name_the_same_modules():
     own = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
     assert rename_unet_diffusers("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight") == own
