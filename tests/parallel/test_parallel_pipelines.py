@@ -115,8 +115,13 @@ def test_ulysses_with_key_mask_and_cache(folders: dict[str, Path], references: d
         try:
             long = {**call, "num_inference_steps": 4}
             assert_close(run(pipe, **long), run(ref, **long), atol=ATOL, name="ulysses=2 + fbcache threshold 0")
-            (stats,) = pipe.cache_stats()
+            (stats,), (ref_stats,) = pipe.cache_stats(), ref.cache_stats()
             assert stats["steps_cached"] == 0
+            # the statistic each rank decides from is the whole sequence's (summed over the ranks)
+            for branch in ("cond", "uncond"):
+                changes, expected = stats["branches"][branch]["changes"], ref_stats["branches"][branch]["changes"]
+                assert changes.keys() == expected.keys() and len(changes) >= 2
+                assert all(abs(changes[k] - expected[k]) <= 1e-4 * abs(expected[k]) for k in expected), (changes, expected)
 
             # a threshold that skips: every rank decides from the whole sequence, as one process does
             skipping = {"name": "fbcache", "threshold": 10.0}
