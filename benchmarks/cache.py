@@ -23,6 +23,7 @@ share of the model; released models have 30-60 blocks, so the skipped share ther
 
     python benchmarks/cache.py                              # FLUX, 512x512, 28 steps, 3 rounds
     python benchmarks/cache.py --family all --quick         # every family, small sizes, 10 steps, 2 rounds
+    python benchmarks/cache.py --family qwen-image wan      # some families
     python benchmarks/cache.py --family wan --blocks 8      # more blocks
     python benchmarks/cache.py --double 4 --single 8        # FLUX with more blocks
 
@@ -135,7 +136,7 @@ def flux_predict(model: nn.Module, x: dict[str, Any], latents: torch.Tensor, sig
 def qwen_build(args: argparse.Namespace) -> nn.Module:
     from difforge_qwen_image.dit import QwenImageDiT, QwenImageDiTConfig
 
-    model = _device_model(args, lambda: QwenImageDiT(QwenImageDiTConfig(num_layers=args.blocks or 2)))
+    model = _device_model(args, lambda: QwenImageDiT(QwenImageDiTConfig(num_layers=args.blocks or 3)))
     _scale([model.time_text_embed.timestep_embedder.linear_2], args.time_scale)
     return model.to(DTYPES[args.dtype]).eval().requires_grad_(False)
 
@@ -197,8 +198,8 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen-image": Family(
         "qwen-image", _layout("difforge_qwen_image"), qwen_build, qwen_inputs, qwen_predict,
-        lambda a: a.blocks or 2,
-        lambda a: f"Qwen-Image DiT, hidden 3072, {a.blocks or 2} blocks, {a.size}x{a.size} "
+        lambda a: a.blocks or 3,
+        lambda a: f"Qwen-Image DiT, hidden 3072, {a.blocks or 3} blocks, {a.size}x{a.size} "
                   f"({(a.size // 16) ** 2} image + {a.text_tokens} text tokens)",
     ),
     "wan": Family(
@@ -293,7 +294,7 @@ def bench_family(family: Family, args: argparse.Namespace) -> dict[str, Any]:
         print(f"{r['preset']:10} {opts:44} {r['seconds_best']:8.3f} {r['speedup']:8.2f} {r['cpu_seconds_best']:8.3f} "
               f"{r['cpu_speedup']:8.2f} {r['ideal_speedup']:6.2f} "
               f"{r['steps_cached']:>4}/{args.steps:<2} {100 * r['skipped_share']:7.1f}% {r['max_abs']:10.2e} "
-              f"{r['psnr_db']:8.1f}")  # fmt: skip
+              f"{r['psnr_db']:8.1f}", flush=True)  # fmt: skip
     return {
         "family": family.name,
         "model": family.describe(args),
@@ -305,12 +306,12 @@ def bench_family(family: Family, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=[*FAMILIES, "all"], default="flux")
+    parser.add_argument("--family", nargs="+", choices=[*FAMILIES, "all"], default=["flux"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=DTYPES)
     parser.add_argument("--double", type=int, default=1, help="FLUX: double-stream blocks")
     parser.add_argument("--single", type=int, default=2, help="FLUX: single-stream blocks")
-    parser.add_argument("--blocks", type=int, default=None, help="Qwen-Image (default 2) and Wan (default 4) blocks")
+    parser.add_argument("--blocks", type=int, default=None, help="Qwen-Image (default 3) and Wan (default 4) blocks")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (image tokens: (size/16)^2)")
     parser.add_argument("--frames", type=int, default=17, help="Wan: video frames ((frames-1)/4+1 latent frames)")
     parser.add_argument("--text-tokens", type=int, default=512)
@@ -326,9 +327,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("difforge_cache").setLevel(logging.WARNING)  # one apply per run: keep it quiet
 
-    names = list(FAMILIES) if args.family == "all" else [args.family]
-    families = [bench_family(FAMILIES[name], args) for name in names]
+    names = list(FAMILIES) if "all" in args.family else list(dict.fromkeys(args.family))
+    families: list[dict[str, Any]] = []
+    for name in names:
+        families.append(bench_family(FAMILIES[name], args))
+        write(args, families)  # after each family: a long run keeps what it measured
 
+
+def write(args: argparse.Namespace, families: list[dict[str, Any]]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "difforge-cache presets on real-width DiTs",
@@ -348,7 +354,7 @@ def main() -> None:
         "quick": args.quick,
         "families": families,
     }, indent=2))  # fmt: skip
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":
