@@ -4,7 +4,7 @@ One spawn per layout and family, shared by several checks (spawning 2 workers co
 
 - ``cfg_parallel=2``: with ``cfg_scale > 1`` the two ranks compute the two CFG branches; with
   ``cfg_scale=1`` the two ranks shard the DiT's tokens instead (Ulysses over both ranks);
-- ``ulysses_degree=2`` (Qwen-Image): prompts of different lengths (a key padding mask), an odd token
+- ``ulysses_degree=2``: Flux; Wan with disk offload; Qwen-Image with prompts of different lengths (a key padding mask), an odd token
   count (padding), First Block Cache at threshold 0 and at a threshold that skips;
 - Wan exchanges Ulysses shards with gloo's ``all_gather`` fallback, the others with ``all_to_all``;
 - a worker's exception surfaces in the parent, a dead worker stops everything without a hang, and
@@ -135,9 +135,20 @@ def test_ulysses_with_key_mask_and_cache(folders: dict[str, Path], references: d
     assert pipe.closed and no_live_workers(pipe)
 
 
-def test_worker_errors_and_lifecycle(folders: dict[str, Path]) -> None:
+def test_ulysses_wan_with_disk_offload(folders: dict[str, Path], references: dict[str, Any]) -> None:
+    # each rank streams its own copy of the weights from the checkpoint files; CFG runs both branches per rank
+    with difforge.Pipeline.from_pretrained("wan", folders["wan"], device="cpu", ulysses_degree=2, offload="disk") as pipe:
+        call = CALLS["wan"]
+        assert_close(run(pipe, **call), run(references["wan"], **call), atol=ATOL, name="wan ulysses=2 + disk offload")
+    assert no_live_workers(pipe)
+
+
+def test_worker_errors_and_lifecycle(folders: dict[str, Path], references: dict[str, Any]) -> None:
     pipe = difforge.Pipeline.from_pretrained("flux", folders["flux"], device="cpu", ulysses_degree=2)
     try:
+        # Ulysses 2 (padded text and image streams), CFG on both branches in turn
+        call = CALLS["flux"]
+        assert_close(run(pipe, **call), run(references["flux"], **call), atol=ATOL, name="flux ulysses=2 vs one process")
         # a DifforgeError keeps its class; the worker's traceback comes along
         with pytest.raises(ConfigError, match="height must be a positive multiple of 16") as info:
             pipe(prompt="a cat", height=40, width=32, num_inference_steps=1)
