@@ -36,7 +36,6 @@ ERROR_GRACE_S = 10.0
 #: how long close() waits for workers to exit before terminating them
 CLOSE_TIMEOUT_S = 10.0
 
-FORWARDED = ("set_cache", "set_attention", "set_offload", "set_scheduler", "load_lora", "clear_lora", "set_lora_scale")
 
 
 class ParallelWorkerError(DifforgeError):
