@@ -58,20 +58,21 @@ class SDPipeline(Pipeline):
         name = _DIFFUSERS_SCHEDULERS.get(config.get("_class_name", ""))
         if name is None:
             return super().translate_scheduler_config(config, source=source)
-        from difforge import get_registry
+        from ._scheduler_specs import options_from_diffusers
 
-        declared = get_registry().schedulers.get(name).options
-        return {"name": name, **{k: v for k, v in config.items() if k in declared and not k.startswith("_")}}
+        # missing keys take diffusers' class defaults (not ours), and settings we would sample differently
+        # (solver_order 3, thresholding, ...) are refused instead of silently ignored
+        return {"name": name, **options_from_diffusers(name, config, source)}
 
     @property
     def scaling_factor(self) -> float:
         return SCALING_FACTORS[self.spec.family]
 
     def load_lora(self, lora: Any, scale: float = 1.0, fuse: bool | None = None, target: Any = "unet",
-                  name: str | None = None, strict: bool = True) -> str:
+                  name: str | None = None, strict: bool = True, scheduler: Any = None) -> str:
         """As :meth:`difforge.Pipeline.load_lora`, aimed at the U-Net unless ``target`` says otherwise
         (``"all"``: also the text encoders a file has weights for)."""
-        return super().load_lora(lora, scale=scale, fuse=fuse, target=target, name=name, strict=strict)
+        return super().load_lora(lora, scale=scale, fuse=fuse, target=target, name=name, strict=strict, scheduler=scheduler)
 
     # -- prompts
 

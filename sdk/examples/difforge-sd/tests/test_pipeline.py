@@ -250,3 +250,21 @@ def test_deepcache_interval_1_is_exact_and_interval_2_skips(tiny):
     assert (cached - plain).abs().max() > 1e-4
     pipe.set_cache(None)
     assert torch.equal(_ours(pipe, noise, output_type="latent"), plain)
+
+
+def test_translated_scheduler_configs_follow_diffusers_defaults() -> None:
+    """A folder's scheduler_config.json is read as diffusers reads it: missing keys take the diffusers
+    class's defaults (a bare Euler config is linspace spacing, steps_offset 0), and settings our samplers
+    would run differently are refused rather than dropped."""
+    from difforge import ConfigError
+    from difforge_sd.pipeline import SDPipeline
+
+    euler = SDPipeline.translate_scheduler_config({"_class_name": "EulerDiscreteScheduler"})
+    assert euler["name"] == "euler"
+    assert euler["timestep_spacing"] == "linspace" and euler["steps_offset"] == 0
+    pndm = SDPipeline.translate_scheduler_config(
+        {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "steps_offset": 1, "skip_prk_steps": True}
+    )
+    assert pndm["name"] == "ddim" and pndm["steps_offset"] == 1
+    with pytest.raises(ConfigError, match="solver_order"):
+        SDPipeline.translate_scheduler_config({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3})
