@@ -14,8 +14,8 @@ Settings: the plain pipeline; ``fbcache`` at thresholds 0.05, 0.1, 0.2, 0.4; ``d
 ``fp8`` and ``fp8-scaled`` weight storage (``offload=[...]``). Plain runs first, then every setting
 on the same 24 prompts.
 
-    python benchmarks/demo_quality.py                  # 20 steps (the model's default)
-    python benchmarks/demo_quality.py --steps 8 --model path/to/shapes-model
+    python benchmarks/demo_quality.py                  # 8 steps (the model's default)
+    python benchmarks/demo_quality.py --steps 20 --model path/to/shapes-model
 
 Writes ``benchmarks/results/demo_quality.json`` (or ``--out``) and prints a table.
 """
