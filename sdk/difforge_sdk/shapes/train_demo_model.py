@@ -219,7 +219,8 @@ def write_model_card(out: Path, summary: dict, config_dump: dict) -> Path:
         "## Limits",
         "",
         "It knows 3 shapes, 8 colours and one sentence pattern at 64x64; anything else gives an arbitrary shapes",
-        "picture. Shape outlines are soft (a tiny AE); the colours are what it reliably gets right.",
+        "picture. The colours are what it gets right; the shapes come out as rough blobs of about the right size",
+        "(the shape word is followed loosely at best; it is not measured), with soft edges from the tiny AE.",
         "",
     ]
     path = out / "MODEL_CARD.md"
