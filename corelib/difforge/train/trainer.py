@@ -304,8 +304,8 @@ class _Run:
         x_t = s * noise + (1 - s) * x0
         target = self.pipe.scheduler.training_target(x0, noise)
         timestep = sigma * float(getattr(self.pipe.scheduler, "num_train_timesteps", 1000))
-        with self.accelerator.autocast():
-            prediction = self.module(x_t, timestep, cond)
+        with self.accelerator.autocast():  # through the prepared wrapper, so gradients sync across processes
+            prediction = getattr(self, "prepared", self.module)(x_t, timestep, cond)
         return F.mse_loss(prediction.float(), target.float())
 
     # ------------------------------------------------------------ saving
@@ -358,6 +358,7 @@ class _Run:
             total = min(total, config.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
         module, optimizer, loader = acc.prepare(self.module, optimizer, loader)
+        self.prepared = module  # DistributedDataParallel around self.module on several processes
 
         result = TrainResult(out, mode="lora" if self.lora is not None else "full")
         if acc.is_main_process:
