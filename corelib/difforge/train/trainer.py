@@ -352,13 +352,14 @@ class _Run:
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=config.num_workers)
         params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        per_epoch = math.ceil(len(sampler) / config.gradient_accumulation_steps)
+        module, optimizer, loader = acc.prepare(self.module, optimizer, loader)
+        self.prepared = module  # DistributedDataParallel around self.module on several processes
+        per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)  # this process's share
         total = per_epoch * config.num_epochs
         if config.max_steps is not None:
             total = min(total, config.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total))
-        module, optimizer, loader = acc.prepare(self.module, optimizer, loader)
-        self.prepared = module  # DistributedDataParallel around self.module on several processes
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                                      _lr_lambda(config, total))
 
         result = TrainResult(out, mode="lora" if self.lora is not None else "full")
         if acc.is_main_process:
