@@ -121,7 +121,9 @@ def _grads(config: TrainConfig) -> dict[str, torch.Tensor]:
     return seen[0]
 
 
-def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-4) -> None:
+    """Equal up to float32 summation order (relative to each tensor's largest gradient; a lost micro-batch
+    or a wrong 1/accumulation scale would be off by order 1)."""
     assert a.keys() == b.keys() and a
     worst = max(float((a[k] - b[k]).abs().max() / (a[k].abs().max() + 1e-12)) for k in a)
     assert worst < tol, worst
