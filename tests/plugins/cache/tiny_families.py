@@ -1,6 +1,6 @@
 """Tiny Qwen-Image and Wan releases for the difforge-cache pipeline tests, and the helpers those tests share.
 
-The folders are diffusers ``save_pretrained`` folders with random weights (:mod:`difforge_sdk.tiny_diffusers`),
+The folders are diffusers ``save_pretrained`` folders with random weights (:mod:`difforge_sdk.parity_pipelines`),
 built as the families' own tests build theirs (tests/plugins/qwen_image/conftest.py,
 tests/plugins/wan/test_wan_pipeline.py), with four DiT blocks instead of two, so that dbcache has front,
 middle and back blocks. difforge assembles its pipelines from them (``Pipeline.from_pretrained(family, folder)``).
@@ -18,7 +18,7 @@ from torch import nn
 
 from difforge import Pipeline
 from difforge.runtime import current_cfg_branch
-from difforge_sdk import tiny_diffusers
+from difforge_sdk import parity_pipelines
 
 DIT_LAYERS = 4
 TIME_SCALE = 0.1
@@ -41,7 +41,7 @@ def write_tiny_qwen_image(folder: Path, layers: int = DIT_LAYERS) -> Path:
     """A tiny diffusers ``QwenImagePipeline`` folder: DiT 2 heads x 16 with ``layers`` blocks and its timestep
     embedding scaled by ``TIME_SCALE``, Wan-style VAE (16 latent channels), Qwen2.5-VL (hidden 128), a
     locally trained Qwen2 tokenizer, Qwen-Image's scheduler."""
-    return tiny_diffusers.write_qwen_image(
+    return parity_pipelines.write_qwen_image(
         folder, dit_layers=layers, time_embed_scale=TIME_SCALE, std={"dit": 0.15, "vae": 0.15, "text": 0.05}
     )
 
@@ -49,7 +49,7 @@ def write_tiny_qwen_image(folder: Path, layers: int = DIT_LAYERS) -> Path:
 def write_tiny_wan(folder: Path, layers: int = DIT_LAYERS) -> Path:
     """A tiny diffusers ``WanPipeline`` folder of the Wan2.1 T2V design: DiT 2 heads x 16 with ``layers`` blocks,
     16-channel VAE, umT5 (d_model 32), a locally trained T5 tokenizer, UniPC with flow shift 3."""
-    return tiny_diffusers.write_wan(folder, dit_layers=layers, std={"dit": 0.1, "vae": 0.2, "text": 0.3}, seed=1)
+    return parity_pipelines.write_wan(folder, dit_layers=layers, std={"dit": 0.1, "vae": 0.2, "text": 0.3}, seed=1)
 
 
 def dit_stats(pipe: Pipeline) -> dict[str, Any]:

@@ -1,11 +1,12 @@
-"""Tiny diffusers-layout Flux, Qwen-Image and Wan releases with seeded random weights, for tests.
+"""Tiny diffusers-layout Flux, Qwen-Image and Wan releases with seeded random weights, built by the
+reference implementations (diffusers, transformers) for parity and whole-pipeline tests.
 
 Each writer saves a diffusers ``save_pretrained`` pipeline folder (``<folder>/diffusers``) with
 locally trained tokenizers (:mod:`difforge_sdk.tiny_tokenizers`) and random weights; difforge
 assembles its pipelines from such folders (``Pipeline.from_pretrained(family, folder)``), so every
 DiT goes through its converter (Flux's q/k/v fuse, Qwen-Image's and Wan's renames)::
 
-    from difforge_sdk.tiny_diffusers import write_tiny_diffusers
+    from difforge_sdk.parity_pipelines import write_tiny_diffusers
 
     folder = write_tiny_diffusers("wan", tmp_path, dit_layers=4, std={"dit": 0.1, "vae": 0.2, "text": 0.3}, seed=1)
 
