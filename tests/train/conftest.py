@@ -11,7 +11,7 @@ import torch
 
 import difforge
 from difforge_sdk.shapes.data import write_dataset
-from difforge_sdk.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
+from difforge_sdk.parity_pipelines import write_flux
 
 SIZE = 32
 
@@ -30,52 +30,13 @@ def _threads() -> Any:
     torch.set_num_threads(threads)
 
 
-def _randomize(module: torch.nn.Module, seed: int, std: float) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (std if p.dim() > 1 else std / 3))
-
-
-def _tiny_diffusers_flux(folder: Path) -> Path:
-    """A tiny FLUX.1-dev-like diffusers FluxPipeline with random weights, saved to ``folder/diffusers``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
-
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tok"))
-    tok2 = T5TokenizerFast.from_pretrained(write_t5_tokenizer(folder / "_tok2"))
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
-        norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    clip = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
-        max_position_embeddings=77, projection_dim=32, bos_token_id=tok.bos_token_id, eos_token_id=2,
-        pad_token_id=tok.pad_token_id, hidden_act="quick_gelu",
-    ))
-    t5 = T5EncoderModel(T5Config(
-        d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, vocab_size=len(tok2), relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False, decoder_start_token_id=0,
-    ))
-    for i, module in enumerate((transformer, vae, clip, t5)):
-        _randomize(module, i, 0.3)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
-                 transformer=transformer).save_pretrained(folder / "diffusers")
-    return folder / "diffusers"
-
-
 @pytest.fixture(scope="package")
 def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    return _tiny_diffusers_flux(tmp_path_factory.mktemp("tiny-flux"))
+    # FLUX.1-dev-like: 1 double + 2 single blocks (2 heads x 16), a 4-level AE of 8 channels, CLIP and T5
+    return write_flux(tmp_path_factory.mktemp("tiny-flux"), dit_layers=3, vae_dim_mult=(1, 1, 1, 1),
+                      std={"dit": 0.3, "vae": 0.3, "text": 0.3})
 
 
 @pytest.fixture(scope="package")

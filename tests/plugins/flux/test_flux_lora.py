@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import difforge
 from difforge import Pipeline
 from difforge.lora import lora_manager
-from difforge_sdk.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
+from difforge_sdk.parity_pipelines import write_flux
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -61,39 +61,6 @@ def _randomize(module: torch.nn.Module, seed: int, std: float, only_lora: bool =
                 p.copy_(torch.randn(p.shape, generator=gen) * (std if p.dim() > 1 else std / 3))
 
 
-def _tiny_pipeline(folder: Path) -> Path:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
-
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tok"))
-    tok2 = T5TokenizerFast.from_pretrained(write_t5_tokenizer(folder / "_tok2"))
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
-        norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    clip = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
-        max_position_embeddings=77, projection_dim=32, bos_token_id=tok.bos_token_id, eos_token_id=2,
-        pad_token_id=tok.pad_token_id, hidden_act="quick_gelu",
-    ))
-    t5 = T5EncoderModel(T5Config(
-        d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, vocab_size=len(tok2), relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False, decoder_start_token_id=0,
-    ))
-    for i, module in enumerate((transformer, vae, clip, t5)):
-        _randomize(module, i, 0.3)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2,
-                 transformer=transformer).save_pretrained(folder / "diffusers")
-    return folder / "diffusers"
-
-
 def _peft_lora(folder: Path, out: Path, seed: int, targets: list[str] | str, clip: bool) -> Path:
     """A random PEFT LoRA (rank 4, alpha 8, one module at alpha 2) saved by diffusers with its metadata."""
     from diffusers import FluxPipeline
@@ -121,7 +88,7 @@ def _peft_lora(folder: Path, out: Path, seed: int, targets: list[str] | str, cli
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: Any) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("flux-lora")
-    folder = _tiny_pipeline(root)
+    folder = write_flux(root, dit_layers=3, vae_dim_mult=(1, 1, 1, 1), std={"dit": 0.3, "vae": 0.3, "text": 0.3})
     return {
         "folder": folder,
         "lora": _peft_lora(folder, root / "a", seed=10, targets=DIT_TARGETS, clip=True),
