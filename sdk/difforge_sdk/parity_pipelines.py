@@ -30,7 +30,7 @@ from difforge import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-__all__ = ["FAMILIES", "randomize", "write_flux", "write_qwen_image", "write_tiny_diffusers", "write_wan"]
+__all__ = ["FAMILIES", "randomize", "write_flux", "write_peft_lora", "write_qwen_image", "write_tiny_diffusers", "write_wan"]
 
 DEFAULT_STD: dict[str, float] = {"dit": 0.1, "vae": 0.1, "text": 0.1}
 """Spread of the random matrices by component kind: ``dit``, ``vae``, ``text`` (every text encoder)."""
@@ -243,3 +243,34 @@ def write_tiny_diffusers(family: str, folder: str | Path, **options: Any) -> Pat
     if family not in FAMILIES:
         raise ConfigError(f"no tiny diffusers writer for {family!r}; families: {', '.join(FAMILIES)}")
     return FAMILIES[family](folder, **options)
+
+
+def write_peft_lora(
+    reference: Any, folder: str | Path, targets: Sequence[str], *, rank: int = 4, alpha: float = 8,
+    alpha_pattern: Mapping[str, float] | None = None, std: float = 0.2, seed: int = 10,
+) -> Path:  # fmt: skip
+    """A random PEFT LoRA on the denoiser (``reference.transformer``) of a diffusers pipeline, saved by
+    diffusers' ``save_lora_weights`` with its adapter metadata as ``<folder>/lora.safetensors``.
+
+    ``init_lora_weights=False`` and then every ``lora_`` parameter N(0, ``std``) from a generator seeded
+    ``seed``, so that the LoRA changes the output (PEFT's default leaves ``lora_B`` at zero). The adapter
+    stays on ``reference.transformer``.
+    """
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, alpha_pattern=dict(alpha_pattern or {}), target_modules=list(targets),
+                        init_lora_weights=False)  # fmt: skip
+    reference.transformer.add_adapter(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in reference.transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    folder = Path(folder)
+    type(reference).save_lora_weights(
+        folder, weight_name="lora.safetensors", transformer_lora_layers=get_peft_model_state_dict(reference.transformer),
+        transformer_lora_adapter_metadata=reference.transformer.peft_config["default"].to_dict(),
+    )  # fmt: skip
+    return folder / "lora.safetensors"

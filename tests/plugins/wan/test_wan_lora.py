@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import difforge
+from difforge_sdk.parity_pipelines import write_peft_lora
 from difforge import Pipeline
 from difforge.lora import lora_manager, read_lora
 from difforge_wan.lora import inverse_comfyui, inverse_kohya, rename_diffusers
@@ -65,24 +66,10 @@ def _reference(folder: Path, noise: torch.Tensor, path: Path | None = None) -> n
 def lora(tiny: Path, tmp_path_factory: Any) -> dict[str, Any]:
     """A random PEFT LoRA (rank 4, alpha 8, ``to_k`` at alpha 2) on every linear layer of the DiT."""
     from diffusers import WanPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     ref = WanPipeline.from_pretrained(tiny, torch_dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"to_k": 2}, target_modules=TARGETS, init_lora_weights=False)
-    ref.transformer.add_adapter(config)
-    gen = torch.Generator().manual_seed(10)
-    with torch.no_grad():
-        for name, p in ref.transformer.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    out = tmp_path_factory.mktemp("wan-lora-file")
-    WanPipeline.save_lora_weights(
-        out, weight_name="lora.safetensors", transformer_lora_layers=get_peft_model_state_dict(ref.transformer),
-        transformer_lora_adapter_metadata=ref.transformer.peft_config["default"].to_dict(),
-    )  # fmt: skip
+    path = write_peft_lora(ref, tmp_path_factory.mktemp("wan-lora-file"), TARGETS, alpha_pattern={"to_k": 2})
     noise = torch.randn(1, 16, (FRAMES - 1) // 4 + 1, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
-    path = out / "lora.safetensors"
     return {"path": path, "noise": noise, "base": _reference(tiny, noise), "lora": _reference(tiny, noise, path)}
 
 
