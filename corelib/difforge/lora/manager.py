@@ -128,6 +128,8 @@ class LoraManager:
         if target is None or target == "all":
             return None
         slots = [target] if isinstance(target, str) else list(target)
+        if slots == ["dit"] and "dit" not in models:  # the default names the denoiser, whatever its slot (a U-Net's "unet")
+            slots = [s for s in self.pipe.denoiser_slots() if s in models] or slots
         unknown = [s for s in slots if s not in models]
         if unknown:
             raise ConfigError(

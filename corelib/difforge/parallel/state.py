@@ -155,19 +155,17 @@ def init_state(layout: ParallelLayout, device: torch.device) -> ParallelState:
 def attach(pipe: Any, state: ParallelState) -> None:
     """Make ``pipe`` run as this rank of ``state``; decides whether calls without CFG on a CFG-parallel
     layout shard the DiT over every rank (else both CFG ranks compute the same conditional branch)."""
-    from ..runtime.pipeline import DENOISER_ROLES
     from .layout import model_heads
 
     pipe.parallel_state = state
     if state.layout.cfg == 1:
         return
     ok = False
-    for slot, module in pipe.models().items():
-        spec = pipe._model_spec(slot)
-        if spec is not None and spec.role in DENOISER_ROLES:
-            heads = model_heads(getattr(module, "config", None))
-            opted = getattr(type(module).forward, "_difforge_sequence_parallel", False)
-            ok = bool(opted and heads and heads % state.world_size == 0)
+    for slot in pipe.denoiser_slots():
+        module = pipe.components[slot]
+        heads = model_heads(getattr(module, "config", None))
+        opted = getattr(type(module).forward, "_difforge_sequence_parallel", False)
+        ok = bool(opted and heads and heads % state.world_size == 0)
     state.wide_ok = ok
     if not ok and state.rank == 0:
         log.info("calls without CFG compute the same branch on both CFG ranks (the DiT cannot shard %d ways)", state.world_size)

@@ -134,11 +134,16 @@ class Pipeline:
         Encoders and VAEs are shared between releases (FLUX.1-dev and -schnell ship the same T5),
         so only the denoiser says which release this is.
         """
-        for slot in self.components:
-            spec = self._model_spec(slot)
-            if spec is not None and spec.role in DENOISER_ROLES:
-                return getattr(self.detections.get(slot), "variant", None)
-        return None
+        slots = self.denoiser_slots()
+        return getattr(self.detections.get(slots[0]), "variant", None) if slots else None
+
+    def denoiser_slots(self) -> list[str]:
+        """The component slots whose model is a denoiser (a :data:`DENOISER_ROLES` role: the model the
+        step loop runs), in component order: ``["dit"]`` for the DiT families, ``["unet"]`` for a U-Net."""
+        return [
+            slot for slot in self.components
+            if (spec := self._model_spec(slot)) is not None and spec.role in DENOISER_ROLES
+        ]  # fmt: skip
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {k: v for k, v in self.components.items() if isinstance(v, torch.nn.Module)}
@@ -350,10 +355,10 @@ class Pipeline:
         options = merge_options("cache strategy", cache_spec.name, cache_spec.options, choice.options)
         apply = resolve(cache_spec.apply)
         # the denoiser only: encoders run once per call, outside the step loop and its CFG branches
-        for slot, module in self.models().items():
+        for slot in self.denoiser_slots():
             spec = self._model_spec(slot)
-            if spec is not None and spec.role in DENOISER_ROLES and spec.layout is not None:
-                self._cache_handles.append(apply(module, spec.layout, {**options, "family": self.spec.family}))
+            if spec.layout is not None:
+                self._cache_handles.append(apply(self.components[slot], spec.layout, {**options, "family": self.spec.family}))
         if not self._cache_handles:
             raise ConfigError(f"cache {choice.name!r}: no denoiser of pipeline {self.spec.name!r} declares a block layout")
         self.cache_choice = choice
@@ -375,7 +380,9 @@ class Pipeline:
     def load_lora(self, lora: Any, scale: float = 1.0, fuse: bool | None = None, target: Any = "dit",
                   name: str | None = None, strict: bool = True, scheduler: Any = None) -> str:
         """Load a LoRA (path, ``ModelConfig`` or state dict) in any registered format; returns its name.
-        ``fuse=None`` fuses unless an offload backend is active. ``scheduler`` (a name or dict) is used
+        ``target``: component slot(s), ``"all"``, or ``"dit"`` (the default), which names the denoiser
+        whatever its slot is called (a U-Net pipeline's ``unet``). ``fuse=None`` fuses unless an offload
+        backend is active. ``scheduler`` (a name or dict) is used
         while the LoRA is loaded; None: the file's ``difforge.scheduler`` metadata, if any; False: ignore
         it. ``clear_lora`` restores the previous scheduler. See :mod:`difforge.lora`."""
         from ..lora import lora_manager

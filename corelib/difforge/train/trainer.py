@@ -196,7 +196,7 @@ class _Run:
         for module in models.values():
             module.requires_grad_(False)
             module.eval()
-        dit_slots = [s for s in models if getattr(pipe._model_spec(s), "role", None) == "dit"]
+        dit_slots = [s for s in pipe.denoiser_slots() if s in models]
         slots = ([config.lora_base_model] if config.lora_base_model else dit_slots[:1]) if config.lora else (
             config.trainable_models or dit_slots[:1]
         )

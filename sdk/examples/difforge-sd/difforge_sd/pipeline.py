@@ -68,12 +68,6 @@ class SDPipeline(Pipeline):
     def scaling_factor(self) -> float:
         return SCALING_FACTORS[self.spec.family]
 
-    def load_lora(self, lora: Any, scale: float = 1.0, fuse: bool | None = None, target: Any = "unet",
-                  name: str | None = None, strict: bool = True, scheduler: Any = None) -> str:
-        """As :meth:`difforge.Pipeline.load_lora`, aimed at the U-Net unless ``target`` says otherwise
-        (``"all"``: also the text encoders a file has weights for)."""
-        return super().load_lora(lora, scale=scale, fuse=fuse, target=target, name=name, strict=strict, scheduler=scheduler)
-
     # -- prompts
 
     def _tokens(self, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
